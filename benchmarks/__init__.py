@@ -1,0 +1,1 @@
+"""fastdag benchmarks: one harness (``benchmarks.harness``), results appended to ``benchmarks/results/*.csv``."""

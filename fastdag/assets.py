@@ -1,0 +1,10 @@
+"""Pipelines shipped inside the package, by name (``model.pretrained: NAME``)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+ASSETS_DIR = Path(__file__).parent / "assets"
+
+# name -> function returning the pipeline directory
+PIPELINES: dict[str, Callable[[], Path]] = {}

@@ -1,0 +1,441 @@
+"""One config tree: dataclass defaults in code, YAML files that override them, dotted ``key=value`` overrides last.
+
+Every field carries its help text in ``metadata["help"]`` (shown by ``fastdag train --help``). Cross-field checks
+live in each section's ``__post_init__``. Any problem with a config raises :class:`ConfigError` with one line
+that names the key and what is allowed; the CLI turns it into exit status 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, reported to the user as one line (exit status 2)."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help text; list/tuple/dict defaults are copied per instance."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = _f(
+        "tiny-random",
+        "Base model: a preset (tiny-random, tiny-random-ddpm), a local diffusers pipeline directory "
+        "(StableDiffusionPipeline or DDPMPipeline) or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5.",
+    )
+    revision: Optional[str] = _f(None, "Hub revision of the base model.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", "Dtype of the frozen base weights: auto = bfloat16 on GPU, float32 on CPU."
+    )
+    device: str = _f("auto", "Device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = _f(4, "LoRA rank (official config: 4).")
+    alpha: Optional[float] = _f(None, "LoRA alpha; None = rank (scale 1), as the official code.")
+    target_modules: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA layers.")
+    init: Literal["gaussian", "default", "zeros"] = _f(
+        "gaussian", "LoRA init: gaussian (peft's gaussian A, zero B), default (kaiming A, zero B)."
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.rank > 0, "lora.rank", f"must be a positive integer, got {self.rank}")
+        _check(len(self.target_modules) > 0, "lora.target_modules", "must name at least one module")
+
+
+@dataclass
+class SampleConfig:
+    num_steps: int = _f(50, "DDIM steps T per trajectory (paper: 50).")
+    eta: float = _f(1.0, "DDIM eta (paper: 1, the DDPM variance; 0 makes every step deterministic).")
+    guidance_scale: float = _f(5.0, "Classifier-free guidance weight w (paper: 5); 1 disables CFG.")
+    batch_size: int = _f(8, "Trajectories per rollout batch.")
+    num_batches_per_epoch: int = _f(4, "Rollout batches per epoch (trajectories per epoch = batch_size x this).")
+    negative_prompt: str = _f("", "Prompt for the unconditional half of the CFG batch.")
+
+    def __post_init__(self) -> None:
+        _check(self.num_steps >= 1, "sample.num_steps", f"must be >= 1, got {self.num_steps}")
+        _check(self.eta >= 0, "sample.eta", f"must be >= 0, got {self.eta}")
+        _check(self.batch_size >= 1, "sample.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.num_batches_per_epoch >= 1, "sample.num_batches_per_epoch", "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(100, "Epochs; each samples trajectories, then trains on them.")
+    batch_size: int = _f(8, "Trajectories per training minibatch.")
+    gradient_accumulation_steps: int = _f(
+        4, "Minibatches accumulated per optimizer step (each also accumulates over its timesteps)."
+    )
+    num_inner_epochs: int = _f(1, "Passes over each epoch's samples.")
+    timestep_fraction: float = _f(1.0, "Fraction of each trajectory's transitions trained on (0, 1].")
+    learning_rate: float = _f(3e-4, "AdamW learning rate of the LoRA parameters (paper: 3e-4).")
+    flow_learning_rate: float = _f(3e-4, "AdamW learning rate of the flow network (paper: 3e-4).")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_weight_decay: float = _f(1e-4, "AdamW weight decay.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Gradient-norm clip (paper: 1.0); 0 disables.")
+    seed: int = _f(0, "Seed of everything: model init, noise, prompts, shuffles.")
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "must be >= 1")
+        _check(self.num_inner_epochs >= 1, "train.num_inner_epochs", "must be >= 1")
+        _check(
+            0 < self.timestep_fraction <= 1,
+            "train.timestep_fraction",
+            f"must be in (0, 1], got {self.timestep_fraction}",
+        )
+        _check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
+        _check(self.flow_learning_rate > 0, "train.flow_learning_rate", "must be > 0")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
+
+
+@dataclass
+class FlowConfig:
+    block_out_channels: list[int] = _f([64, 128, 256, 256], "Channels of the flow network's encoder blocks.")
+    layers_per_block: int = _f(1, "ResNet layers per encoder block.")
+    attention_head_dim: int = _f(8, "Channels per cross-attention head.")
+    norm_num_groups: int = _f(32, "GroupNorm groups (must divide every block's channels).")
+
+    def __post_init__(self) -> None:
+        _check(len(self.block_out_channels) >= 1, "dag.flow.block_out_channels", "must list at least one block")
+        for c in self.block_out_channels:
+            _check(
+                c % self.norm_num_groups == 0 and c % self.attention_head_dim == 0,
+                "dag.flow.block_out_channels",
+                f"{c} must be divisible by norm_num_groups={self.norm_num_groups} "
+                f"and attention_head_dim={self.attention_head_dim}",
+            )
+
+
+@dataclass
+class DagConfig:
+    algorithm: Literal["db", "kl", "ddpo"] = _f(
+        "db", "Objective: db (DAG-DB, Eq. 8), kl (DAG-KL, Eq. 14) or ddpo (the DDPO baseline)."
+    )
+    beta: float = _f(100.0, "Final reward exponent beta: log R = beta * r (paper: 100).")
+    beta_schedule: Literal["linear", "constant"] = _f(
+        "linear", "linear: anneal beta from 0 over the first anneal_fraction of epochs; constant: beta always."
+    )
+    anneal_fraction: float = _f(0.5, "Fraction of epochs over which beta is annealed (paper: first half).")
+    reduce: Literal["mean", "sum"] = _f(
+        "mean",
+        "Log-prob reduction over latent dims: mean (official code; beta then acts like beta*D) or sum "
+        "(the true density).",
+    )
+    xhat_rewards: Literal["rollout", "recompute"] = _f(
+        "rollout",
+        "x̂_0 rewards of the forward-looking flow: rollout (scored once per state at sampling time) or "
+        "recompute (the official per-transition recompute with the current model).",
+    )
+    kl_coef: Optional[float] = _f(None, "DAG-KL: coefficient of the KL-gradient term; None = the final beta.")
+    ratio_clip: float = _f(1e-4, "DAG-KL/DDPO: PPO ratio clip epsilon (paper: 1e-4).")
+    adv_clip: float = _f(5.0, "DAG-KL/DDPO: advantage clip.")
+    prox_coef: float = _f(1.0, "Coefficient of the l2 proximal regulariser on the CFG noise prediction.")
+    flow: FlowConfig = field(default_factory=FlowConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.beta >= 0, "dag.beta", f"must be >= 0, got {self.beta}")
+        _check(0 < self.anneal_fraction <= 1, "dag.anneal_fraction", "must be in (0, 1]")
+        _check(self.ratio_clip > 0, "dag.ratio_clip", "must be > 0")
+        _check(self.adv_clip > 0, "dag.adv_clip", "must be > 0")
+        _check(self.prox_coef >= 0, "dag.prox_coef", "must be >= 0")
+
+    @property
+    def kl_coefficient(self) -> float:
+        """The paper uses the final beta as the KL-gradient coefficient."""
+        return self.beta if self.kl_coef is None else self.kl_coef
+
+
+@dataclass
+class RewardConfig:
+    name: str = _f("jpeg_compressibility", "Reward function, by registered name (see `fastdag rewards`).")
+    kwargs: dict[str, Any] = _f({}, "Keyword arguments passed to the reward's constructor.")
+    batch_size: int = _f(32, "Images per reward call when scoring x̂_0 states.")
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "reward.batch_size", "must be >= 1")
+
+
+@dataclass
+class PromptsConfig:
+    source: str = _f(
+        "tiny",
+        "A named prompt set (see `fastdag prompts`) or a file: .txt (one per line), .csv (column `column`), "
+        ".json (a list, or an object {prompt: metadata}).",
+    )
+    column: str = _f("prompt", "CSV column holding the prompts (DrawBench: Prompts).")
+    exclude_categories: list[str] = _f([], "CSV/JSON: drop prompts whose `category` metadata is listed.")
+
+
+@dataclass
+class KernelsConfig:
+    backend: Literal["auto", "triton", "reference"] = _f(
+        "auto", "Step-math kernels: auto (Triton on CUDA, the PyTorch reference otherwise), triton, reference."
+    )
+
+
+@dataclass
+class EngineConfig:
+    backend: Literal["deepspeed", "torch"] = _f(
+        "torch", "Update engine: deepspeed (ZeRO, deepspeed.initialize) or torch (plain PyTorch AdamW)."
+    )
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage (0, 1 or 2).")
+
+    def __post_init__(self) -> None:
+        _check(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_epochs: int = _f(0, "Save a checkpoint every N epochs (0: only at the end).")
+    save_final: bool = _f(True, "Save a checkpoint after the last epoch.")
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str = _f("runs", "Parent directory of run directories.")
+    run_name: Optional[str] = _f(None, "Run directory name; None = <timestamp>-<algorithm>.")
+    grid_size: int = _f(8, "Images in each epoch's sample grid (0 disables grids).")
+    progress: bool = _f(True, "Show progress bars.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dag: DagConfig = field(default_factory=DagConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        total = self.sample.batch_size * self.sample.num_batches_per_epoch
+        _check(
+            total % self.train.batch_size == 0,
+            "train.batch_size",
+            f"must divide the trajectories per epoch (sample.batch_size x sample.num_batches_per_epoch = {total}), "
+            f"got {self.train.batch_size}",
+        )
+        minibatches = total // self.train.batch_size
+        _check(
+            minibatches % self.train.gradient_accumulation_steps == 0,
+            "train.gradient_accumulation_steps",
+            f"must divide the minibatches per epoch ({total} trajectories / train.batch_size {self.train.batch_size}"
+            f" = {minibatches}), got {self.train.gradient_accumulation_steps}",
+        )
+        _check(
+            self.dag.algorithm != "kl" or self.train.batch_size >= 3,
+            "train.batch_size",
+            "DAG-KL's leave-one-out baseline needs at least 3 samples per minibatch",
+        )
+
+    @property
+    def trajectories_per_epoch(self) -> int:
+        return self.sample.batch_size * self.sample.num_batches_per_epoch
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) if not isinstance(a, str) else a for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (ints are accepted for floats); return the typed value."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: must be one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise bad
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (item_tp,) = typing.get_args(tp)[:1]
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 3e-4 as a string; accept what float() accepts
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from nested ``data`` over the defaults, checking keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; valid keys here: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "kwargs":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _section_fields(cls: type, dotted: str) -> tuple[Any, str]:
+    """The annotation of a dotted key, or ConfigError naming the valid keys at the first unknown part."""
+    parts = dotted.split(".")
+    tp: Any = cls
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(tp):
+            if typing.get_origin(tp) is dict or tp is Any:  # free-form mapping such as reward.kwargs
+                return Any, part
+            raise ConfigError(f"{'.'.join(parts[:i])}: is not a section, cannot set {dotted}")
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            valid = ", ".join(f.name for f in dataclasses.fields(tp))
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: unknown key; valid keys here: {valid}")
+        tp = hints[part]
+    return tp, parts[-1]
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value parsed as YAML, so 3 is an int and [1, 2] a list)."""
+    if "=" not in item:
+        raise ConfigError(f"{item}: overrides look like key=value, e.g. train.epochs=2")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"{item}: empty key")
+    _section_fields(Config, key)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults, then the YAML file at ``path``, then dotted ``key=value`` overrides; validated."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file {str(path)!r}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"--config: {path} must hold a mapping of sections, got {type(loaded).__name__}")
+        data = loaded or {}
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        nested: dict[str, Any] = {keys[-1]: value}
+        for k in reversed(keys[:-1]):
+            nested = {k: nested}
+        data = _merge(data, nested)
+    try:
+        return _build(Config, data)
+    except TypeError as e:  # a section given a scalar, e.g. `train: 3`
+        raise ConfigError(str(e)) from None
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def config_help(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Rows (key, type, default, help) for every leaf field, for ``fastdag train --help``."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += config_help(tp, f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", _type_name(tp), repr(getattr(instance, f.name)), f.metadata.get("help", "")))
+    return rows

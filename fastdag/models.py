@@ -1,0 +1,243 @@
+"""Base models: a diffusers pipeline (preset, local directory or hub id), frozen, with LoRA through peft.
+
+:class:`DiffusionModel` hides the two model kinds behind one interface: ``text-to-image`` (a
+``StableDiffusionPipeline``: CLIP text encoder, latent UNet with cross-attention and CFG, VAE decode) and
+``unconditional`` (a ``DDPMPipeline``: pixel-space ``UNet2DModel``, no prompt, no CFG, no VAE).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from fastdag.config import ConfigError, LoraConfig, ModelConfig
+from fastdag.presets import PRESETS
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device: {name!r} asked for, but CUDA is not available; use cpu or auto")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_pipeline(cfg: ModelConfig):
+    """The pipeline named by ``model.pretrained``; a missing local path or an unreachable hub id is a ConfigError."""
+    name = cfg.pretrained
+    if name in PRESETS:
+        return PRESETS[name]()
+    from fastdag import assets
+
+    if name in assets.PIPELINES:
+        path = assets.PIPELINES[name]()
+    else:
+        path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
+    if looks_local and not (path / "model_index.json").is_file():
+        what = "is not a diffusers pipeline directory (no model_index.json)" if path.exists() else "no such directory"
+        raise ConfigError(
+            f"model.pretrained: {name!r} {what}; give a preset ({', '.join(PRESETS)}), a pipeline directory or a hub id"
+        )
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.from_pretrained(str(path) if looks_local else name, revision=cfg.revision)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.pretrained: could not load {name!r}: {first}") from None
+
+
+def ddim_scheduler_from(scheduler):
+    """DDIM with the base scheduler's training noise schedule (the sampler the paper uses)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(scheduler.config)
+
+
+@dataclass
+class StepSchedule:
+    """The DDIM steps of one trajectory, precomputed on the device so the hot loop never touches the host.
+
+    Step i goes from x_{t_i} to x_{t_{i+1}}: ``timesteps[i]`` = t_i, ``alpha_t[i]`` = ᾱ_{t_i}, ``alpha_prev[i]`` =
+    ᾱ at diffusers' previous timestep (``final_alpha_cumprod`` past 0). All [T].
+    """
+
+    timesteps: torch.Tensor  # [T] long
+    alpha_t: torch.Tensor  # [T] fp32
+    alpha_prev: torch.Tensor  # [T] fp32
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.shape[0]
+
+
+def ddim_step_schedule(scheduler, num_steps: int, device: torch.device) -> StepSchedule:
+    scheduler.set_timesteps(num_steps)
+    timesteps = scheduler.timesteps.to(torch.long)
+    prev = timesteps - scheduler.config.num_train_timesteps // num_steps
+    alphas = scheduler.alphas_cumprod.to(torch.float32)
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32)
+    alpha_prev = torch.where(prev >= 0, alphas[prev.clamp_min(0)], final)
+    return StepSchedule(timesteps.to(device), alphas[timesteps].to(device), alpha_prev.to(device))
+
+
+class DiffusionModel:
+    """A frozen base pipeline plus LoRA, seen through the few operations DAG needs.
+
+    Shapes: latents/pixels ``x`` [B, *latent_shape]; ``cond`` prompt embeddings [B, L, D] (None when
+    unconditional); timesteps ``t`` [B] long.
+    """
+
+    def __init__(self, pipeline, device: torch.device, dtype: torch.dtype):
+        from diffusers import DDPMPipeline, StableDiffusionPipeline
+
+        if isinstance(pipeline, StableDiffusionPipeline):
+            self.kind = "text-to-image"
+        elif isinstance(pipeline, DDPMPipeline):
+            self.kind = "unconditional"
+        else:
+            raise ConfigError(
+                f"model.pretrained: {type(pipeline).__name__} is not supported; "
+                "use a StableDiffusionPipeline or a DDPMPipeline"
+            )
+        self.pipeline = pipeline
+        self.device, self.dtype = device, dtype
+        self.unet = pipeline.unet
+        self.scheduler = ddim_scheduler_from(pipeline.scheduler)
+        pipeline.scheduler = self.scheduler
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+            module.to(device=device, dtype=dtype)
+            module.eval()
+        self.unet.requires_grad_(False)
+        self.unet.to(device=device, dtype=dtype)
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        self.latent_shape = (self.unet.config.in_channels, *size)
+
+    @property
+    def conditional(self) -> bool:
+        return self.kind == "text-to-image"
+
+    @property
+    def cond_dim(self) -> Optional[int]:
+        return self.unet.config.cross_attention_dim if self.conditional else None
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        if self.conditional:
+            return [self.pipeline.text_encoder, self.pipeline.vae]
+        return []
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def add_lora(self, cfg: LoraConfig) -> list[torch.nn.Parameter]:
+        """Add LoRA layers to the UNet (peft); returns the trainable parameters, kept in fp32."""
+        from peft import LoraConfig as PeftLoraConfig
+
+        peft_cfg = PeftLoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
+            init_lora_weights="gaussian" if cfg.init == "gaussian" else True,
+            target_modules=cfg.target_modules,
+        )
+        try:
+            if hasattr(self.unet, "add_adapter"):
+                self.unet.add_adapter(peft_cfg)
+            else:  # UNet2DModel has no diffusers adapter mixin; inject through peft directly
+                from peft import inject_adapter_in_model
+
+                inject_adapter_in_model(peft_cfg, self.unet)
+        except ValueError as e:
+            raise ConfigError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError(f"lora.target_modules: {cfg.target_modules} matched no module of the UNet")
+        for p in params:
+            p.data = p.data.float()
+        return params
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Optional[torch.Tensor]:
+        """[B, L, D] CLIP last hidden states, or None for an unconditional model."""
+        if not self.conditional:
+            return None
+        tok = self.pipeline.tokenizer
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        with self.autocast():
+            return self.pipeline.text_encoder(ids.input_ids.to(self.device))[0].to(self.dtype)
+
+    def predict_eps(
+        self, x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor], uncond: Optional[torch.Tensor],
+        guidance_scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ε̂ CFG-combined, ε_c conditional), both [B, *latent_shape] fp32.
+
+        ``uncond`` is the [1, L, D] negative-prompt embedding; with guidance 1 (or unconditional) one forward.
+        """
+        with self.autocast():
+            if not self.conditional:
+                eps = self.unet(x.to(self.dtype), t).sample.float()
+                return eps, eps
+            if guidance_scale == 1.0:
+                eps = self.unet(x.to(self.dtype), t, encoder_hidden_states=cond).sample.float()
+                return eps, eps
+            b = x.shape[0]
+            x2 = torch.cat([x, x]).to(self.dtype)
+            ctx = torch.cat([uncond.expand(b, -1, -1), cond])
+            eps_u, eps_c = self.unet(x2, torch.cat([t, t]), encoder_hidden_states=ctx).sample.float().chunk(2)
+        return eps_u + guidance_scale * (eps_c - eps_u), eps_c
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents (or pixels) [B, *latent_shape] -> images float [B, 3, H, W] in [0, 1]."""
+        if self.conditional:
+            vae = self.pipeline.vae
+            with self.autocast():
+                x = vae.decode(x.to(self.dtype) / vae.config.scaling_factor).sample
+        return (x.float() / 2 + 0.5).clamp(0, 1)
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.unet)
+
+    def save_lora(self, directory: Path) -> None:
+        """Diffusers LoRA format, loadable with ``StableDiffusionPipeline.load_lora_weights(directory)``.
+
+        The unconditional kind has no diffusers LoRA loader; its adapter is saved as a peft state dict in the
+        same file name, to be loaded with ``peft.set_peft_model_state_dict``.
+        """
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.lora_state_dict().items()}
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.conditional:
+            type(self.pipeline).save_lora_weights(directory, unet_lora_layers=convert_state_dict_to_diffusers(state))
+        else:
+            from safetensors.torch import save_file
+
+            save_file(state, str(directory / "pytorch_lora_weights.safetensors"))
+
+
+def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> tuple[DiffusionModel, list[torch.nn.Parameter]]:
+    device = resolve_device(model_cfg.device)
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    model = DiffusionModel(load_pipeline(model_cfg), device, dtype)
+    return model, model.add_lora(lora_cfg)

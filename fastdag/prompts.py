@@ -1,0 +1,96 @@
+"""Prompt sets: named sets shipped with the package, or a file (.txt, .csv, .json)."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from fastdag.config import ConfigError, PromptsConfig
+
+# Small built-in sets, written for this project (the paper's sets are files the user provides).
+NAMED_SETS: dict[str, Callable[[], list[str]]] = {
+    "tiny": lambda: [
+        f"a {c} {a} in the {p}"
+        for c in ("red", "blue", "green", "yellow")
+        for a in ("cat", "dog", "bird", "fish")
+        for p in ("field", "city")
+    ],
+    "empty": lambda: [""],  # unconditional models
+}
+
+
+def register_prompt_set(name: str, loader: Callable[[], list[str]]) -> None:
+    NAMED_SETS[name] = loader
+
+
+def _read_txt(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _read_csv(path: Path, column: str, exclude: set[str]) -> list[str]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        fields = reader.fieldnames or []
+        if column not in fields:
+            raise ConfigError(f"prompts.column: {path.name} has no column {column!r}; its columns: {', '.join(fields)}")
+        category = next((f for f in fields if f.lower() == "category"), None)
+        return [
+            row[column].strip()
+            for row in reader
+            if row[column] and row[column].strip() and not (category and row[category] in exclude)
+        ]
+
+
+def _read_json(path: Path, exclude: set[str]) -> list[str]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"prompts.source: {path} is not valid JSON ({e})") from None
+    if isinstance(data, list):
+        if not all(isinstance(p, str) for p in data):
+            raise ConfigError(f"prompts.source: {path} must be a list of strings or an object {{prompt: metadata}}")
+        return [p.strip() for p in data if p.strip()]
+    if isinstance(data, dict):
+        def category(meta) -> Optional[str]:
+            return meta.get("category") if isinstance(meta, dict) else None
+
+        return [p.strip() for p, meta in data.items() if p.strip() and category(meta) not in exclude]
+    raise ConfigError(f"prompts.source: {path} must be a list of strings or an object {{prompt: metadata}}")
+
+
+def load_prompts(cfg: PromptsConfig) -> list[str]:
+    """The prompts of ``prompts.source``; an unknown name, a missing file or no prompts is a ConfigError."""
+    source = cfg.source
+    if source in NAMED_SETS:
+        prompts = NAMED_SETS[source]()
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"prompts.source: {source!r} is neither a named set ({', '.join(sorted(NAMED_SETS))}) nor a file"
+            )
+        exclude = set(cfg.exclude_categories)
+        suffix = path.suffix.lower()
+        if suffix == ".csv":
+            prompts = _read_csv(path, cfg.column, exclude)
+        elif suffix == ".json":
+            prompts = _read_json(path, exclude)
+        else:
+            prompts = _read_txt(path)
+        if not prompts:
+            raise ConfigError(f"prompts.source: {source!r} holds no prompts")
+    return prompts
+
+
+class PromptSampler:
+    """Draws prompts uniformly with replacement from its own seeded generator (so a resume can restore it)."""
+
+    def __init__(self, prompts: list[str], seed: int):
+        self.prompts = prompts
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, n: int) -> list[str]:
+        return [self.prompts[i] for i in self.rng.integers(0, len(self.prompts), size=n)]

@@ -1,0 +1,119 @@
+"""Black-box rewards: a protocol, a registry by name, and the paper's JPEG (in)compressibility.
+
+A reward maps images float [B, 3, H, W] in [0, 1] and their prompts to a float tensor [B]. Rewards run on the
+host or device as they like; the trainer checks every result (shape, finiteness) and stops the run with a
+message naming the reward if one misbehaves.
+"""
+from __future__ import annotations
+
+import io
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fastdag.config import ConfigError
+
+
+class RewardFn(Protocol):
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """images float [B, 3, H, W] in [0, 1]; prompts, B strings -> rewards float [B]."""
+
+
+class RewardError(RuntimeError):
+    """A reward returned something unusable; the message names the reward and what it returned."""
+
+
+REWARDS: dict[str, Callable[..., RewardFn]] = {}
+
+
+def register_reward(name: str):
+    """Decorator: ``@register_reward("name")`` on a factory (class or function) taking the config's kwargs."""
+
+    def deco(factory):
+        REWARDS[name] = factory
+        return factory
+
+    return deco
+
+
+def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
+    """float [B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3] (round to nearest)."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
+    """Size of each image saved as JPEG at ``quality``, in kB (1000 bytes), as the paper and DDPO. [B] fp32."""
+    sizes = []
+    for img in to_uint8_hwc(images):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+        sizes.append(buf.tell() / 1000)
+    return torch.tensor(sizes, dtype=torch.float32)
+
+
+@register_reward("jpeg_compressibility")
+class JpegCompressibility:
+    """r = −(JPEG size in kB at quality 95): higher for images that compress well."""
+
+    def __init__(self, quality: int = 95):
+        self.quality = quality
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return -jpeg_size_kb(images, self.quality)
+
+
+@register_reward("jpeg_incompressibility")
+class JpegIncompressibility:
+    """r = +(JPEG size in kB at quality 95): higher for images that compress badly."""
+
+    def __init__(self, quality: int = 95):
+        self.quality = quality
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return jpeg_size_kb(images, self.quality)
+
+
+@register_reward("brightness")
+class Brightness:
+    """r = mean pixel value in [0, 1]. Smooth and cheap: for tests and debugging the math, not for papers."""
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return images.detach().float().mean(dim=(1, 2, 3)).cpu()
+
+
+def build_reward(name: str, kwargs: dict[str, Any]) -> RewardFn:
+    if name not in REWARDS:
+        raise ConfigError(f"reward.name: unknown reward {name!r}; registered: {', '.join(sorted(REWARDS))}")
+    try:
+        return REWARDS[name](**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"reward.kwargs: {name} does not accept {kwargs} ({e})") from None
+
+
+class CheckedReward:
+    """Calls a reward in batches and checks its output: float [B], finite; else :class:`RewardError`."""
+
+    def __init__(self, name: str, fn: RewardFn, batch_size: int):
+        self.name, self.fn, self.batch_size = name, fn, batch_size
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """images [N, 3, H, W] in [0, 1]; returns rewards [N] fp32 on the CPU."""
+        out = []
+        for i in range(0, images.shape[0], self.batch_size):
+            chunk, chunk_prompts = images[i : i + self.batch_size], list(prompts[i : i + self.batch_size])
+            r = self.fn(chunk, chunk_prompts)
+            if not isinstance(r, torch.Tensor):
+                r = torch.as_tensor(np.asarray(r))
+            if r.shape != (chunk.shape[0],):
+                raise RewardError(
+                    f"reward {self.name!r} returned shape {tuple(r.shape)} for {chunk.shape[0]} images; "
+                    f"expected ({chunk.shape[0]},)"
+                )
+            r = r.detach().to("cpu", torch.float32)
+            if not torch.isfinite(r).all():
+                bad = r[~torch.isfinite(r)].tolist()[:4]
+                raise RewardError(f"reward {self.name!r} returned non-finite values {bad}")
+            out.append(r)
+        return torch.cat(out)

@@ -1,0 +1,408 @@
+"""Attribute classifier for the shapes world: the judge behind `ShapesAlignmentReward`.
+
+The classifier is slot-based, following the world's fixed positions: for each of the 5 position slots it predicts
+the kind (or "empty"), the colour and the size, and it predicts the background colour once. That one layout
+reads one- and two-shape scenes alike. It is a small CNN (~0.6 M parameters, ~2.5 MB of float32 weights):
+5 convolutions down to an 8 × 8 map, flattened (so every slot head sees where things are), then an MLP.
+
+Training data are fresh generator images each step, from the whole world (held-out prompts included: the judge
+must read them). Augmentation (a 3 × 3 blur or `soften`'s 2× down-and-up, noise, small per-channel shifts)
+stands in for the softness of images decoded by a small VAE, so the judge does not only work on crisp renders.
+Label smoothing keeps its log-probabilities bounded, which the reward needs (see LABEL_SMOOTHING).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from fastdag.toy.world import (
+    BACKGROUND_NAMES,
+    COLOUR_NAMES,
+    KINDS,
+    POSITION_NAMES,
+    RESOLUTION,
+    SIZE_NAMES,
+    Scene,
+    sample_batch,
+)
+
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
+WEIGHTS_NAME = "shapes_classifier.safetensors"
+REPORT_NAME = "shapes_classifier.json"
+
+# Kind class 0 means the slot is empty; kind k + 1 is KINDS[k].
+EMPTY = 0
+# Target value of colour/size at an empty slot (cross_entropy's ignore_index).
+IGNORE = -1
+N_SLOTS = len(POSITION_NAMES)
+# Smoothing bounds the log-probability the classifier gives a wrong attribute near log(0.05 / classes), −4.8 for
+# the 6 colours, so one confidently wrong term cannot swamp the mean log-likelihood that the reward is; a right
+# one tends to log(1 − 0.05 + 0.05 / classes) ≈ −0.04.
+LABEL_SMOOTHING = 0.05
+_CLASSES = {
+    "kinds": list(KINDS),
+    "colours": list(COLOUR_NAMES),
+    "sizes": list(SIZE_NAMES),
+    "positions": list(POSITION_NAMES),
+    "backgrounds": list(BACKGROUND_NAMES),
+}
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Architecture of the classifier."""
+
+    width: int = 32
+    """Channels of the first two convolutions; the last three have twice as many."""
+    hidden: int = 128
+    """Width of the MLP over the flattened 8 × 8 feature map."""
+    resolution: int = RESOLUTION
+    """Input side in pixels; the reward resizes images to it."""
+
+
+@dataclass
+class SceneTargets:
+    """Ground truth of B scenes in slot layout (slot s is POSITION_NAMES[s]).
+
+    kind: int64 [B, N_SLOTS], EMPTY or 1 + index into KINDS.
+    colour, size: int64 [B, N_SLOTS], class index, IGNORE at empty slots.
+    background: int64 [B].
+    """
+
+    kind: torch.Tensor
+    colour: torch.Tensor
+    size: torch.Tensor
+    background: torch.Tensor
+
+    @classmethod
+    def from_scenes(cls, scenes: Sequence[Scene]) -> SceneTargets:
+        kind = torch.full((len(scenes), N_SLOTS), EMPTY, dtype=torch.long)
+        colour = torch.full((len(scenes), N_SLOTS), IGNORE, dtype=torch.long)
+        size = torch.full((len(scenes), N_SLOTS), IGNORE, dtype=torch.long)
+        background = torch.empty(len(scenes), dtype=torch.long)
+        for i, scene in enumerate(scenes):
+            for shape in scene.shapes:
+                slot = POSITION_NAMES.index(shape.position)
+                kind[i, slot] = 1 + KINDS.index(shape.kind)
+                colour[i, slot] = COLOUR_NAMES.index(shape.colour)
+                size[i, slot] = SIZE_NAMES.index(shape.size)
+            background[i] = BACKGROUND_NAMES.index(scene.background)
+        return cls(kind=kind, colour=colour, size=size, background=background)
+
+    def to(self, device: torch.device) -> SceneTargets:
+        return SceneTargets(*(t.to(device) for t in (self.kind, self.colour, self.size, self.background)))
+
+
+@dataclass
+class ClassifierOutput:
+    """Logits of the classifier for B images.
+
+    kind: [B, N_SLOTS, 1 + len(KINDS)] (class EMPTY first).
+    colour: [B, N_SLOTS, len(COLOUR_NAMES)].
+    size: [B, N_SLOTS, len(SIZE_NAMES)].
+    background: [B, len(BACKGROUND_NAMES)].
+    """
+
+    kind: torch.Tensor
+    colour: torch.Tensor
+    size: torch.Tensor
+    background: torch.Tensor
+
+
+class ShapesClassifier(nn.Module):
+    """Reads a shapes-world image: per slot kind/colour/size, plus the background."""
+
+    def __init__(self, config: ClassifierConfig = ClassifierConfig()) -> None:
+        super().__init__()
+        self.config = config
+        w = config.width
+        self.features = nn.Sequential(
+            nn.Conv2d(3, w, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(w, w, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+            nn.GELU(),
+        )
+        self._head_sizes = (
+            N_SLOTS * (1 + len(KINDS)),
+            N_SLOTS * len(COLOUR_NAMES),
+            N_SLOTS * len(SIZE_NAMES),
+            len(BACKGROUND_NAMES),
+        )
+        cells = (config.resolution // 4) ** 2
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(2 * w * cells, config.hidden),
+            nn.GELU(),
+            nn.Linear(config.hidden, sum(self._head_sizes)),
+        )
+
+    def forward(self, images: torch.Tensor) -> ClassifierOutput:
+        """images: float [B, 3, resolution, resolution] in [0, 1]."""
+        logits = self.head(self.features(images * 2.0 - 1.0))  # [B, sum(head sizes)]
+        kind, colour, size, background = logits.split(self._head_sizes, dim=1)
+        b = images.shape[0]
+        return ClassifierOutput(
+            kind=kind.reshape(b, N_SLOTS, -1),
+            colour=colour.reshape(b, N_SLOTS, -1),
+            size=size.reshape(b, N_SLOTS, -1),
+            background=background,
+        )
+
+
+def _gather_log_probs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per slot, 0 where target is IGNORE. logits [B, S, C], target [B, S] -> [B, S]."""
+    log_probs = logits.float().log_softmax(dim=-1)
+    picked = log_probs.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(target == IGNORE, torch.zeros_like(picked), picked)
+
+
+def scene_log_likelihood(out: ClassifierOutput, targets: SceneTargets) -> torch.Tensor:
+    """Mean log-probability of the scene's attributes. Returns float32 [B], each ≤ 0.
+
+    The terms are: the kind of each of the N_SLOTS slots (EMPTY for unmentioned ones), the colour and the size
+    of each shape, and the background: 5 + 2 · (number of shapes) + 1 terms, averaged.
+    """
+    occupied = targets.kind != EMPTY  # [B, S]
+    total = (
+        _gather_log_probs(out.kind, targets.kind).sum(1)
+        + _gather_log_probs(out.colour, targets.colour).sum(1)
+        + _gather_log_probs(out.size, targets.size).sum(1)
+        + _gather_log_probs(out.background.unsqueeze(1), targets.background.unsqueeze(1)).squeeze(1)
+    )
+    return total / (N_SLOTS + 2 * occupied.sum(1) + 1)
+
+
+def attribute_accuracy(out: ClassifierOutput, targets: SceneTargets) -> dict[str, torch.Tensor]:
+    """Per-image fraction of each attribute type read right. Every value is float32 [B] in [0, 1].
+
+    position: slots whose occupancy (empty or not) is read right, over all N_SLOTS slots.
+    shape: shapes whose slot is read as their kind.
+    colour, size: shapes whose slot is read as occupied *and* with their colour (size); a shape drawn
+        elsewhere, or not at all, does not count as the right colour.
+    background: the background colour.
+    all: every term of `scene_log_likelihood` (kind per slot, colour and size per shape, background).
+    """
+    occupied = targets.kind != EMPTY  # [B, S]
+    n_shapes = occupied.sum(1).float()
+    kind_pred = out.kind.argmax(-1)
+    seen = kind_pred != EMPTY
+    kind_right = kind_pred == targets.kind
+    colour_right = seen & (out.colour.argmax(-1) == targets.colour)  # False at empty slots (target IGNORE)
+    size_right = seen & (out.size.argmax(-1) == targets.size)
+    background_right = (out.background.argmax(-1) == targets.background).float()
+    return {
+        "position": (seen == occupied).float().mean(1),
+        "shape": (kind_right & occupied).sum(1) / n_shapes,
+        "colour": colour_right.sum(1) / n_shapes,
+        "size": size_right.sum(1) / n_shapes,
+        "background": background_right,
+        "all": (kind_right.sum(1) + colour_right.sum(1) + size_right.sum(1) + background_right)
+        / (N_SLOTS + 2 * n_shapes + 1),
+    }
+
+
+def classifier_loss(
+    out: ClassifierOutput, targets: SceneTargets, label_smoothing: float = LABEL_SMOOTHING
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Sum of the mean cross-entropies of the four heads (colour and size over occupied slots only)."""
+    ce = partial(F.cross_entropy, label_smoothing=label_smoothing, ignore_index=IGNORE)
+    losses = {
+        "kind": ce(out.kind.flatten(0, 1), targets.kind.flatten()),
+        "colour": ce(out.colour.flatten(0, 1), targets.colour.flatten()),
+        "size": ce(out.size.flatten(0, 1), targets.size.flatten()),
+        "background": ce(out.background, targets.background),
+    }
+    loss = sum(losses.values())
+    return loss, {name: value.item() for name, value in losses.items()}
+
+
+def soften(images: torch.Tensor) -> torch.Tensor:
+    """Halves the resolution and restores it (bilinear, antialiased): the blur of a small VAE's decode.
+
+    images: float [B, 3, H, W] -> same shape.
+    """
+    h, w = images.shape[-2:]
+    half = F.interpolate(images, size=(h // 2, w // 2), mode="bilinear", antialias=True, align_corners=False)
+    return F.interpolate(half, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random blur, per-channel shift and Gaussian noise, per image. images: [B, 3, H, W] in [0, 1]."""
+    b = images.shape[0]
+
+    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+        return low + (high - low) * torch.rand(b, *shape, generator=generator)
+
+    taps = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (torch.outer(taps, taps) / 16).expand(3, 1, 3, 3)
+    binomial = F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
+    # A third of the images keep their edges, a third move towards a 3 × 3 binomial blur, a third towards
+    # `soften`, each by a random fraction.
+    mode = torch.randint(3, (b, 1, 1, 1), generator=generator)
+    blurred = torch.where(mode == 1, binomial, soften(images))
+    images = images + (mode > 0) * uniform(0.0, 1.0, 1, 1, 1) * (blurred - images)
+    # ±0.04 per channel is well under the smallest channel gap between two colours of the world (~0.27).
+    images = images + uniform(-0.04, 0.04, 3, 1, 1)
+    images = images + uniform(0.0, 0.05, 1, 1, 1) * torch.randn(images.shape, generator=generator)
+    return images.clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model: ShapesClassifier,
+    rng: np.random.Generator,
+    n_images: int,
+    batch_size: int = 256,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Mean `attribute_accuracy` on `n_images` fresh generator images, plus `scene`: all terms right.
+
+    transform: applied to each image batch [B, 3, H, W] before the classifier (e.g. `soften`); default none.
+    """
+    model.eval()
+    sums: dict[str, float] = {}
+    done = 0
+    while done < n_images:
+        batch = sample_batch(rng, min(batch_size, n_images - done), exclude_heldout=False)
+        images = batch.images if transform is None else transform(batch.images)
+        accuracy = attribute_accuracy(model(images), SceneTargets.from_scenes(batch.scenes))
+        accuracy["scene"] = (accuracy["all"] == 1.0).float()
+        for name, value in accuracy.items():
+            sums[name] = sums.get(name, 0.0) + value.sum().item()
+        done += len(batch.images)
+    return {name: total / n_images for name, total in sums.items()}
+
+
+def train_classifier(
+    out_dir: str | Path,
+    seed: int = 0,
+    steps: int = 2000,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    eval_images: int = 4096,
+    progress: bool = True,
+) -> dict:
+    """Trains the classifier on fresh generator batches and writes WEIGHTS_NAME and REPORT_NAME in `out_dir`.
+
+    Seeded: the weights, the training images, the augmentation and the evaluation images all derive from
+    `seed`, the training and evaluation image streams from two independent children of SeedSequence(seed).
+    AdamW with linear warm-up over the first 5% of steps, then cosine decay to 0.
+
+    Returns the report written to REPORT_NAME: config, classes, training settings and time, and
+    `heldout_accuracy` (see `evaluate_classifier`) on `eval_images` images never used in training, and
+    `heldout_accuracy_softened` on the same images after `soften`.
+    """
+    if steps < 1 or batch_size < 1 or eval_images < 1:
+        raise ValueError(f"steps, batch_size and eval_images must be ≥ 1, got {steps}, {batch_size}, {eval_images}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    train_seq, eval_seq = np.random.SeedSequence(seed).spawn(2)
+    data_rng = np.random.default_rng(train_seq)
+    augment_gen = torch.Generator().manual_seed(seed)
+
+    config = ClassifierConfig()
+    model = ShapesClassifier(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)),
+    )
+
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc="shapes classifier", disable=not progress)
+    model.train()
+    for _ in bar:
+        batch = sample_batch(data_rng, batch_size, exclude_heldout=False)
+        loss, metrics = classifier_loss(
+            model(_augment(batch.images, augment_gen)), SceneTargets.from_scenes(batch.scenes)
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    train_seconds = time.perf_counter() - start
+
+    accuracy = evaluate_classifier(model, np.random.default_rng(eval_seq), eval_images)
+    softened = evaluate_classifier(model, np.random.default_rng(eval_seq), eval_images, transform=soften)
+    report = {
+        "config": asdict(config),
+        "classes": _CLASSES,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "training": {
+            "seed": seed,
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seconds": round(train_seconds, 1),
+            "torch_threads": torch.get_num_threads(),
+            "final_losses": metrics,
+        },
+        "heldout_images": eval_images,
+        "heldout_seed": f"SeedSequence({seed}).spawn(2)[1]; training used spawn(2)[0]",
+        "heldout_accuracy": accuracy,
+        "heldout_accuracy_softened": softened,
+    }
+    save_file(
+        {name: p.detach().contiguous() for name, p in model.state_dict().items()},
+        str(out_dir / WEIGHTS_NAME),
+        metadata={"config": json.dumps(asdict(config)), "classes": json.dumps(_CLASSES)},
+    )
+    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def load_classifier(path: str | Path | None = None, device: torch.device | str = "cpu") -> ShapesClassifier:
+    """Loads a classifier written by `train_classifier` (default: the one shipped in fastdag/assets/), in eval mode.
+
+    Raises ValueError if the weights were trained for a world with other attribute values.
+    """
+    path = Path(path) if path is not None else ASSETS_DIR / WEIGHTS_NAME
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    if json.loads(metadata["classes"]) != _CLASSES:
+        raise ValueError(f"{path} was trained for other world classes: {metadata['classes']}")
+    model = ShapesClassifier(ClassifierConfig(**json.loads(metadata["config"])))
+    model.load_state_dict(load_file(str(path)))
+    return model.to(device).eval()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Train the shapes-world classifier; the defaults reproduce the shipped one.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--out", default=str(ASSETS_DIR), help="directory for the weights and the report")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--batch-size", type=int, dest="batch_size")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the shipped run used 1)")
+    options = vars(parser.parse_args())
+    torch.set_num_threads(options.pop("threads"))
+    result = train_classifier(options.pop("out"), **options)
+    print(json.dumps(result["heldout_accuracy"], indent=2))

@@ -1,0 +1,194 @@
+"""The trainer only wires the components: config -> model (pipeline + LoRA + flow) -> rollout -> objective ->
+engine -> checkpoint, metrics, samples."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from fastdag.checkpoint import save_checkpoint
+from fastdag.config import Config
+from fastdag.engine import build_engine
+from fastdag.flow import FlowNetwork
+from fastdag.models import build_model, ddim_step_schedule
+from fastdag.objectives import DDPO, TransitionTerms, beta_at, build_objective
+from fastdag.outputs import MetricsLog, make_run_dir, save_sample_grid
+from fastdag.prompts import PromptSampler, load_prompts
+from fastdag.rewards import CheckedReward, build_reward
+from fastdag.rollout import Trajectories, sample_trajectories, score_latents, xhat0
+from kernels import db_residual_reference, ddim_step_reference
+
+log = logging.getLogger(__name__)
+
+
+def step_math(backend: str, device: torch.device):
+    """(ddim_step, db_residual) functions for ``kernels.backend``."""
+    try:
+        from kernels.dispatch import db_residual, ddim_step
+    except ImportError:  # kernels without the Triton twins: the reference is the only backend
+        return ddim_step_reference, db_residual_reference
+    return partial(ddim_step, backend=backend), partial(db_residual, backend=backend)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Optional[Path] = None):
+        self.cfg = cfg
+        # cheap checks of the user's input first, so a bad prompt file fails before a model loads
+        self.prompts = PromptSampler(load_prompts(cfg.prompts), cfg.train.seed)
+        self.reward = CheckedReward(cfg.reward.name, build_reward(cfg.reward.name, cfg.reward.kwargs), cfg.reward.batch_size)
+        torch.manual_seed(cfg.train.seed)
+        self.model, lora_params = build_model(cfg.model, cfg.lora)
+        self.device = self.model.device
+        self.schedule = ddim_step_schedule(self.model.scheduler, cfg.sample.num_steps, self.device)
+        self.ddim_step, residual_fn = step_math(cfg.kernels.backend, self.device)
+        self.objective = build_objective(cfg.dag, residual_fn)
+        self.flow: Optional[FlowNetwork] = None
+        if self.objective.uses_flow:
+            self.flow = FlowNetwork(self.model.latent_shape[0], cfg.dag.flow, self.model.cond_dim).to(self.device)
+        self.num_train_steps = max(1, int(cfg.sample.num_steps * cfg.train.timestep_fraction))
+        self.engine = build_engine(
+            cfg, self.model.unet, self.flow, lora_params,
+            list(self.flow.parameters()) if self.flow is not None else [],
+            cfg.train.gradient_accumulation_steps * self.num_train_steps, self.device,
+        )
+        self.uncond = self.model.encode_prompts([cfg.sample.negative_prompt]) if self.model.conditional else None
+        self.noise = torch.Generator(self.device).manual_seed(cfg.train.seed)
+        self.shuffle = torch.Generator().manual_seed(cfg.train.seed + 1)
+        self.run_dir = run_dir
+        self.epoch = 0
+
+    # ----- rollout -------------------------------------------------------------------------------------------
+    def sample_epoch(self) -> Trajectories:
+        cfg = self.cfg
+        self.model.unet.eval()
+        parts = [
+            sample_trajectories(
+                self.model, self.schedule, self.prompts.sample(cfg.sample.batch_size), self.reward,
+                guidance_scale=cfg.sample.guidance_scale, eta=cfg.sample.eta, reduce=cfg.dag.reduce,
+                uncond=self.uncond, step_fn=self.ddim_step, generator=self.noise,
+                score_xhat=self.objective.uses_flow and cfg.dag.xhat_rewards == "rollout",
+                reward_batch_size=cfg.reward.batch_size,
+            )
+            for _ in range(cfg.sample.num_batches_per_epoch)
+        ]
+        return Trajectories.cat(parts)
+
+    # ----- update --------------------------------------------------------------------------------------------
+    def _xhat_rewards_now(self, x: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor, cond, prompts) -> torch.Tensor:
+        """The official per-transition recompute: a conditional forward of the current model, decode, score."""
+        with torch.no_grad():
+            _, eps_cond = self.model.predict_eps(x, t, cond, self.uncond, 1.0)
+            return score_latents(self.model, self.reward, xhat0(x, eps_cond, alpha), prompts, self.cfg.reward.batch_size)[0]
+
+    def transition_terms(self, trajs: Trajectories, idx: torch.Tensor, steps: torch.Tensor, beta: float,
+                         advantages: Optional[torch.Tensor] = None) -> TransitionTerms:
+        """Evaluate the current model on transitions ``steps`` [b] of trajectories ``idx`` [b]."""
+        cfg, sch, T = self.cfg, self.schedule, trajs.num_steps
+        x_t, x_prev = trajs.latents[idx, steps], trajs.latents[idx, steps + 1]
+        t, a_t, a_prev = sch.timesteps[steps], sch.alpha_t[steps], sch.alpha_prev[steps]
+        cond = trajs.prompt_embeds[idx] if trajs.prompt_embeds is not None else None
+        eps, _ = self.model.predict_eps(x_t, t, cond, self.uncond, cfg.sample.guidance_scale)
+        out = self.ddim_step(eps, x_t, a_t, a_prev, cfg.sample.eta, x_prev=x_prev, reduce=cfg.dag.reduce)
+        terms = TransitionTerms(
+            log_pf=out.log_pf, log_pb=out.log_pb, log_pf_old=trajs.log_pf[idx, steps], eps=eps,
+            eps_old=trajs.eps[idx, steps], advantages=advantages,
+        )
+        if self.flow is None:
+            return terms
+        terminal = (steps == T - 1).to(self.device)
+        next_steps = (steps + 1).clamp_max(T - 1)  # a placeholder at the last step, masked below
+        t_prev = sch.timesteps[next_steps]
+        final_r = trajs.rewards[idx].to(self.device)
+        if trajs.xhat_rewards is not None:
+            r_t = trajs.xhat_rewards[idx, steps].to(self.device)
+            r_prev = trajs.xhat_rewards[idx, next_steps].to(self.device)
+        else:
+            prompts = [trajs.prompts[i] for i in idx.tolist()]
+            r_t = self._xhat_rewards_now(x_t, t, a_t, cond, prompts).to(self.device)
+            r_prev = self._xhat_rewards_now(x_prev, t_prev, sch.alpha_t[next_steps], cond, prompts).to(self.device)
+        r_prev = torch.where(terminal, final_r, r_prev)
+        # One flow forward on both states of every transition.
+        both = self.flow(torch.cat([x_t, x_prev]), torch.cat([t, t_prev]), None if cond is None else torch.cat([cond, cond]))
+        f_t, f_prev = both.chunk(2)
+        # Forward-looking flow: log F(x) = F_φ(x) + β r(x̂_0(x)); log F(x_0) := β r(x_0).
+        terms.log_flow_t = f_t + beta * r_t
+        terms.log_flow_prev = torch.where(terminal, beta * final_r, f_prev + beta * r_prev)
+        return terms
+
+    def train_epoch(self, trajs: Trajectories, beta: float, progress: Optional[tqdm] = None) -> dict[str, float]:
+        cfg, n, T = self.cfg, len(trajs), trajs.num_steps
+        self.model.unet.train()
+        advantages = DDPO.advantages(trajs.rewards).to(self.device) if isinstance(self.objective, DDPO) else None
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        for _ in range(cfg.train.num_inner_epochs):
+            order = torch.randperm(n, generator=self.shuffle)
+            # each sample visits its transitions in its own random order (official schedule)
+            step_order = torch.stack([torch.randperm(T, generator=self.shuffle) for _ in range(n)])[:, : self.num_train_steps]
+            for start in range(0, n, cfg.train.batch_size):
+                idx = order[start : start + cfg.train.batch_size]
+                for j in range(self.num_train_steps):
+                    steps = step_order[idx, j]
+                    adv = advantages[idx.to(self.device)] if advantages is not None else None
+                    terms = self.transition_terms(trajs, idx.to(self.device), steps.to(self.device), beta, adv)
+                    loss, metrics = self.objective(terms)
+                    self.engine.backward(loss)
+                    self.engine.step()
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0) + v
+                    count += 1
+                    if progress is not None:
+                        progress.update(1)
+        out = {k: (v / count).item() for k, v in sums.items()}
+        out["grad_norm"] = float(self.engine.grad_norm)
+        return out
+
+    # ----- loop ----------------------------------------------------------------------------------------------
+    def fit(self) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        run_dir = self.run_dir or make_run_dir(cfg)
+        self.run_dir = run_dir
+        metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+        (run_dir / "samples").mkdir(exist_ok=True)
+        rows = []
+        updates_per_epoch = cfg.train.num_inner_epochs * (cfg.trajectories_per_epoch // cfg.train.batch_size) * self.num_train_steps
+        epochs = tqdm(range(self.epoch, cfg.train.epochs), desc="epochs", disable=not cfg.logging.progress, unit="epoch")
+        for epoch in epochs:
+            self.epoch = epoch
+            beta = beta_at(epoch, cfg.dag, cfg.train.epochs)
+            t0 = time.perf_counter()
+            epochs.set_postfix_str("rollout")
+            trajs = self.sample_epoch()
+            t1 = time.perf_counter()
+            epochs.set_postfix_str("update")
+            with tqdm(total=updates_per_epoch, desc=f"epoch {epoch + 1} update", leave=False, unit="step",
+                      disable=not cfg.logging.progress) as bar:
+                losses = self.train_epoch(trajs, beta, bar)
+            t2 = time.perf_counter()
+            r = trajs.rewards
+            row = {
+                "epoch": epoch + 1, "reward_mean": r.mean().item(), "reward_std": r.std().item() if len(r) > 1 else 0.0,
+                "reward_min": r.min().item(), "reward_max": r.max().item(), "beta": beta, **losses,
+                "rollout_seconds": t1 - t0, "update_seconds": t2 - t1,
+            }
+            if cfg.logging.grid_size:
+                k = min(cfg.logging.grid_size, len(trajs))
+                save_sample_grid(run_dir / "samples" / f"epoch-{epoch + 1:04d}.png", trajs.images[:k], trajs.prompts[:k], r[:k])
+            metrics_log.write(row)
+            rows.append(row)
+            epochs.set_postfix(reward=f"{row['reward_mean']:.4g}", loss=f"{row.get('loss', float('nan')):.4g}")
+            last = epoch + 1 == cfg.train.epochs
+            every = cfg.checkpoint.every_n_epochs
+            if (last and cfg.checkpoint.save_final) or (every and (epoch + 1) % every == 0):
+                self.save(run_dir / "checkpoints" / f"epoch-{epoch + 1:04d}")
+        return rows
+
+    def save(self, directory: Path) -> Path:
+        state = {"epoch": self.epoch + 1, "config": self.cfg, "engine": self.engine.state_dict()}
+        return save_checkpoint(directory, self.model, self.flow, state)

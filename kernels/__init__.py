@@ -1,0 +1,35 @@
+"""Step math shared by rollout, training, tests and benchmarks: each kernel beside its PyTorch reference.
+
+``kernels.dispatch`` (re-exported here) routes each call to the Triton kernel or the reference by backend and
+device. Importing this package does not need Triton; only launching a Triton kernel does.
+"""
+from kernels._compat import HAS_TRITON
+from kernels.db_residual import (
+    db_loss_reference,
+    db_loss_triton,
+    db_residual_reference,
+    db_residual_triton,
+    rloo_advantages_reference,
+    rloo_advantages_triton,
+)
+from kernels.ddim_step import DDIMStepOutput, ddim_step_reference, ddim_step_triton
+from kernels.dispatch import BACKENDS, db_loss, db_residual, ddim_step, resolve_backend, rloo_advantages
+
+__all__ = [
+    "BACKENDS",
+    "DDIMStepOutput",
+    "HAS_TRITON",
+    "db_loss",
+    "db_loss_reference",
+    "db_loss_triton",
+    "db_residual",
+    "db_residual_reference",
+    "db_residual_triton",
+    "ddim_step",
+    "ddim_step_reference",
+    "ddim_step_triton",
+    "resolve_backend",
+    "rloo_advantages",
+    "rloo_advantages_reference",
+    "rloo_advantages_triton",
+]
