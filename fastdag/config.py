@@ -197,7 +197,7 @@ class KernelsConfig:
 @dataclass
 class EngineConfig:
     backend: Literal["deepspeed", "torch"] = _f(
-        "torch", "Update engine: deepspeed (ZeRO, deepspeed.initialize) or torch (plain PyTorch AdamW)."
+        "deepspeed", "Update engine: deepspeed (ZeRO via deepspeed.initialize) or torch (plain PyTorch AdamW)."
     )
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage (0, 1 or 2).")
 

@@ -119,12 +119,13 @@ class DiffusionModel:
         self.unet = pipeline.unet
         self.scheduler = ddim_scheduler_from(pipeline.scheduler)
         pipeline.scheduler = self.scheduler
-        for module in self.frozen_modules():
+        for module in [*self.frozen_modules(), self.unet]:
             module.requires_grad_(False)
-            module.to(device=device, dtype=dtype)
+            module.to(device)
+            if module.dtype != dtype:  # diffusers warns on any dtype cast, even a no-op one
+                module.to(dtype=dtype)
+        for module in self.frozen_modules():
             module.eval()
-        self.unet.requires_grad_(False)
-        self.unet.to(device=device, dtype=dtype)
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         self.latent_shape = (self.unet.config.in_channels, *size)

@@ -40,3 +40,15 @@ def test_time_fn_reports_ordered_quantiles():
     timing = harness.time_fn(lambda: calls.append(1), "cpu", warmup=2, repeat=5, flush_bytes=1 << 10)
     assert len(calls) == 7 and timing.repeats == 5
     assert timing.min_ms <= timing.p20_ms <= timing.median_ms <= timing.p80_ms
+
+
+def test_bench_xhat_modes_runs_on_cpu(tmp_path):
+    from benchmarks import bench_xhat_modes
+
+    summary = bench_xhat_modes.main([
+        "--epochs", "1", "--results", str(tmp_path / "epochs.csv"), "sample.num_steps=3", "sample.batch_size=4",
+        "train.batch_size=4",
+    ])
+    assert summary["rollout"]["first_epoch_reward"] == summary["recompute"]["first_epoch_reward"]
+    assert summary["ratio"]["recompute_over_rollout"] > 0
+    assert len((tmp_path / "epochs.csv").read_text().splitlines()) == 3
