@@ -7,4 +7,7 @@ from typing import Callable
 ASSETS_DIR = Path(__file__).parent / "assets"
 
 # name -> function returning the pipeline directory
-PIPELINES: dict[str, Callable[[], Path]] = {}
+PIPELINES: dict[str, Callable[[], Path]] = {
+    # the embedded default: a pretrained miniature SD-architecture model of the shapes world (fastdag.toy)
+    "shapes-tiny": lambda: ASSETS_DIR / "shapes-tiny",
+}

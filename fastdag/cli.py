@@ -9,10 +9,12 @@ import argparse
 import logging
 import os
 import sys
-import textwrap
 from typing import Optional
 
-from fastdag.config import ConfigError, config_help, load_config
+# transformers warns at import that torchvision is missing (irrelevant here: we use no image processor)
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from fastdag.config import ConfigError, config_help, load_config  # noqa: E402
 
 EXIT_USAGE = 2
 
@@ -67,18 +69,50 @@ def train_main(argv: Optional[list[str]] = None, prog: str = "fastdag train") ->
     return 0
 
 
+def rewards_main(argv: list[str]) -> int:
+    from fastdag.rewards import METRICS, REWARDS
+
+    for name, factory in sorted(REWARDS.items()):
+        print(f"{name:<24} {(factory.__doc__ or '').strip().splitlines()[0]}")
+    print("\nmetrics (eval.metric): " + ", ".join(sorted(METRICS)))
+    return 0
+
+
+def prompts_main(argv: list[str]) -> int:
+    from fastdag.prompts import NAMED_SETS
+
+    for name, loader in sorted(NAMED_SETS.items()):
+        prompts = loader()
+        print(f"{name:<16} {len(prompts):>5} prompts, e.g. {prompts[0]!r}")
+    return 0
+
+
+def toy_main(argv: list[str]) -> int:
+    if not argv or argv[0] != "pretrain":
+        print("usage: fastdag toy pretrain --out DIR [...]  (pretrain the shapes-world model; --help for options)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    from fastdag.toy.pretrain import main as pretrain_main
+
+    return pretrain_main(argv[1:]) or 0
+
+
+COMMANDS = {
+    "train": (train_main, "align a diffusion model (fastdag train --help lists every config field)"),
+    "rewards": (rewards_main, "list the registered rewards and metrics"),
+    "prompts": (prompts_main, "list the named prompt sets"),
+    "toy": (toy_main, "the embedded default's recipes: fastdag toy pretrain --out DIR"),
+}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": train_main}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print(textwrap.dedent("""\
-            usage: fastdag COMMAND [...]
-
-            commands:
-              train     align a diffusion model (fastdag train --help lists every config field)
-            """))
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        usage = ["usage: fastdag COMMAND [...]", "", "commands:"]
+        usage += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
+        print("\n".join(usage), file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else EXIT_USAGE
-    return commands[argv[0]](argv[1:])
+    return COMMANDS[argv[0]][0](argv[1:])
 
 
 if __name__ == "__main__":

@@ -188,6 +188,24 @@ class PromptsConfig:
 
 
 @dataclass
+class EvalConfig:
+    prompts: Optional[str] = _f(
+        None, "Held-out prompt set or file evaluated before training and after it (None: no evaluation)."
+    )
+    metric: Optional[str] = _f(None, "A registered metric reported beside the reward (e.g. shapes_accuracy).")
+    samples_per_prompt: int = _f(4, "Images per evaluation prompt.")
+    num_steps: Optional[int] = _f(None, "DDIM steps for evaluation; None = sample.num_steps.")
+    guidance_scale: Optional[float] = _f(None, "CFG weight for evaluation; None = sample.guidance_scale.")
+    eta: Optional[float] = _f(None, "DDIM eta for evaluation; None = sample.eta.")
+    seed: int = _f(1234, "Seed of the evaluation noise: before and after use the same seeds.")
+    grid_prompts: int = _f(8, "Prompts shown in the report's before/after grids.")
+
+    def __post_init__(self) -> None:
+        _check(self.samples_per_prompt >= 1, "eval.samples_per_prompt", "must be >= 1")
+        _check(self.num_steps is None or self.num_steps >= 1, "eval.num_steps", "must be >= 1")
+
+
+@dataclass
 class KernelsConfig:
     backend: Literal["auto", "triton", "reference"] = _f(
         "auto", "Step-math kernels: auto (Triton on CUDA, the PyTorch reference otherwise), triton, reference."
@@ -228,6 +246,7 @@ class Config:
     dag: DagConfig = field(default_factory=DagConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

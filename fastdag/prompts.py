@@ -22,6 +22,20 @@ NAMED_SETS: dict[str, Callable[[], list[str]]] = {
 }
 
 
+def _shapes(split: str) -> Callable[[], list[str]]:
+    def load() -> list[str]:
+        from fastdag.toy.world import shapes_prompts
+
+        return shapes_prompts(split)
+
+    return load
+
+
+# The shapes world's fixed split: the model is pretrained and aligned on "shapes", evaluated on "shapes-heldout".
+NAMED_SETS["shapes"] = _shapes("train")
+NAMED_SETS["shapes-heldout"] = _shapes("heldout")
+
+
 def register_prompt_set(name: str, loader: Callable[[], list[str]]) -> None:
     NAMED_SETS[name] = loader
 

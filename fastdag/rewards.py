@@ -83,6 +83,37 @@ class Brightness:
         return images.detach().float().mean(dim=(1, 2, 3)).cpu()
 
 
+@register_reward("shapes_alignment")
+def _shapes_alignment(**kwargs: Any) -> RewardFn:
+    """The shapes world's prompt alignment: mean log-probability of the prompt's attributes (fastdag.toy)."""
+    from fastdag.toy.reward import ShapesAlignmentReward
+
+    return ShapesAlignmentReward(**kwargs)
+
+
+# Metrics reported in evaluations: name -> factory of a callable (images, prompts) -> {name: float tensor [B]}.
+METRICS: dict[str, Callable[[], Callable[..., dict[str, torch.Tensor]]]] = {}
+
+
+def _shapes_accuracy_metric() -> Callable[..., dict[str, torch.Tensor]]:
+    from fastdag.toy.reward import shapes_attribute_accuracy
+
+    def metric(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        acc = shapes_attribute_accuracy(images, prompts)
+        return {"shapes_accuracy" if k == "all" else f"{k}_accuracy": v for k, v in acc.items()}
+
+    return metric
+
+
+METRICS["shapes_accuracy"] = _shapes_accuracy_metric
+
+
+def build_metric(name: str) -> Callable[..., dict[str, torch.Tensor]]:
+    if name not in METRICS:
+        raise ConfigError(f"eval.metric: unknown metric {name!r}; registered: {', '.join(sorted(METRICS))}")
+    return METRICS[name]()
+
+
 def build_reward(name: str, kwargs: dict[str, Any]) -> RewardFn:
     if name not in REWARDS:
         raise ConfigError(f"reward.name: unknown reward {name!r}; registered: {', '.join(sorted(REWARDS))}")

@@ -7,12 +7,13 @@ once; with ``recompute`` the trainer rescoring happens per transition instead (t
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from fastdag.models import DiffusionModel, StepSchedule
 from fastdag.rewards import CheckedReward
+from kernels.ddim_step import DDIMStepOutput
 
 
 @dataclass
@@ -30,8 +31,8 @@ class Trajectories:
     log_pb: torch.Tensor  # [B, T] fp32, log q(x_t | x_{t-1})
     eps: torch.Tensor  # [B, T, C, H, W] CFG noise prediction at sampling time (proximal regulariser)
     timesteps: torch.Tensor  # [B, T] long
-    rewards: torch.Tensor  # [B] fp32, r(decode(x_0)) (CPU)
-    xhat_rewards: Optional[torch.Tensor]  # [B, T] fp32 x̂_0 rewards of states 0..T-1 (CPU); None when recomputed
+    rewards: torch.Tensor  # [B] fp32, r(decode(x_0))
+    xhat_rewards: Optional[torch.Tensor]  # [B, T] fp32 x̂_0 rewards of states 0..T-1; None when recomputed
     images: torch.Tensor  # [B, 3, H, W] final images in [0, 1] (CPU)
 
     @property
@@ -75,6 +76,31 @@ def score_latents(
     return torch.cat(rewards), (torch.cat(images) if keep_images else None)
 
 
+def denoise(
+    model: DiffusionModel,
+    schedule: StepSchedule,
+    x: torch.Tensor,
+    cond: Optional[torch.Tensor],
+    uncond: Optional[torch.Tensor],
+    *,
+    guidance_scale: float,
+    eta: float,
+    reduce: str,
+    step_fn: Callable,
+    generator: torch.Generator,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, DDIMStepOutput]]:
+    """Run the T DDIM steps from x = x_T; yields (i, x_t, ε̂ CFG, ε_c conditional, step output) per step."""
+    b = x.shape[0]
+    for i in range(schedule.num_steps):
+        t = schedule.timesteps[i].expand(b)
+        a_t, a_prev = schedule.alpha_t[i].expand(b), schedule.alpha_prev[i].expand(b)
+        eps, eps_cond = model.predict_eps(x, t, cond, uncond, guidance_scale)
+        noise = torch.randn(x.shape, generator=generator, device=x.device)
+        out = step_fn(eps, x, a_t, a_prev, eta, noise=noise, reduce=reduce)
+        yield i, x, eps, eps_cond, out
+        x = out.x_prev
+
+
 @torch.no_grad()
 def sample_trajectories(
     model: DiffusionModel,
@@ -105,26 +131,22 @@ def sample_trajectories(
     log_pf = torch.empty((b, T), device=dev)
     log_pb = torch.empty((b, T), device=dev)
     latents[:, 0] = x
-    for i in range(T):
-        t = schedule.timesteps[i].expand(b)
-        a_t, a_prev = schedule.alpha_t[i].expand(b), schedule.alpha_prev[i].expand(b)
-        eps, eps_cond = model.predict_eps(x, t, cond, uncond, guidance_scale)
-        noise = torch.randn(x.shape, generator=generator, device=dev)
-        out = step_fn(eps, x, a_t, a_prev, eta, noise=noise, reduce=reduce)
+    steps = denoise(model, schedule, x, cond, uncond, guidance_scale=guidance_scale, eta=eta, reduce=reduce,
+                    step_fn=step_fn, generator=generator)
+    for i, x_t, eps, eps_cond, out in steps:
         if score_xhat:
             # The forward-looking flow uses x̂_0 of the conditional prediction (no CFG), as the official code.
-            xhat[:, i] = xhat0(x, eps_cond, a_t)
-        x = out.x_prev
-        latents[:, i + 1] = x
+            xhat[:, i] = xhat0(x_t, eps_cond, schedule.alpha_t[i].expand(b))
+        latents[:, i + 1] = out.x_prev
         eps_all[:, i] = eps
         log_pf[:, i], log_pb[:, i] = out.log_pf, out.log_pb
 
-    rewards, images = score_latents(model, reward, x, prompts, reward_batch_size, keep_images=True)
+    rewards, images = score_latents(model, reward, latents[:, T], prompts, reward_batch_size, keep_images=True)
     xhat_rewards = None
     if score_xhat:
         flat = xhat.reshape(b * T, *model.latent_shape)  # state-major: sample 0's T states, then sample 1's ...
         flat_prompts = [p for p in prompts for _ in range(T)]
-        xhat_rewards = score_latents(model, reward, flat, flat_prompts, reward_batch_size)[0].reshape(b, T)
+        xhat_rewards = score_latents(model, reward, flat, flat_prompts, reward_batch_size)[0].reshape(b, T).to(dev)
     return Trajectories(
         prompts=list(prompts),
         prompt_embeds=cond,
@@ -133,7 +155,28 @@ def sample_trajectories(
         log_pb=log_pb,
         eps=eps_all,
         timesteps=schedule.timesteps.expand(b, T).clone(),
-        rewards=rewards,
+        rewards=rewards.to(dev),
         xhat_rewards=xhat_rewards,
         images=images,
     )
+
+
+@torch.no_grad()
+def generate_images(
+    model: DiffusionModel,
+    schedule: StepSchedule,
+    prompts: list[str],
+    *,
+    guidance_scale: float,
+    eta: float,
+    uncond: Optional[torch.Tensor],
+    step_fn: Callable,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Sample one image per prompt: float [B, 3, H, W] in [0, 1] on the CPU (for evaluation and reports)."""
+    x = torch.randn((len(prompts), *model.latent_shape), generator=generator, device=model.device)
+    cond = model.encode_prompts(prompts)
+    for _, _, _, _, out in denoise(model, schedule, x, cond, uncond, guidance_scale=guidance_scale, eta=eta,
+                                   reduce="mean", step_fn=step_fn, generator=generator):
+        x = out.x_prev
+    return model.decode(x).cpu()

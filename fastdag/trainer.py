@@ -13,8 +13,9 @@ import torch
 from tqdm.auto import tqdm
 
 from fastdag.checkpoint import save_checkpoint
-from fastdag.config import Config
+from fastdag.config import Config, config_to_dict
 from fastdag.engine import build_engine
+from fastdag.evaluation import Evaluation, Evaluator, write_report
 from fastdag.flow import FlowNetwork
 from fastdag.models import build_model, ddim_step_schedule
 from fastdag.objectives import DDPO, TransitionTerms, beta_at, build_objective
@@ -34,6 +35,10 @@ def step_math(backend: str, device: torch.device):
     except ImportError:  # kernels without the Triton twins: the reference is the only backend
         return ddim_step_reference, db_residual_reference
     return partial(ddim_step, backend=backend), partial(db_residual, backend=backend)
+
+
+def _fmt(scores: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
 
 
 class Trainer:
@@ -58,6 +63,8 @@ class Trainer:
             cfg.train.gradient_accumulation_steps * self.num_train_steps, self.device,
         )
         self.uncond = self.model.encode_prompts([cfg.sample.negative_prompt]) if self.model.conditional else None
+        self.evaluator = Evaluator(cfg, self.model, self.reward, self.ddim_step, self.uncond) if cfg.eval.prompts else None
+        self.evaluations: dict[str, Evaluation] = {}
         self.noise = torch.Generator(self.device).manual_seed(cfg.train.seed)
         self.shuffle = torch.Generator().manual_seed(cfg.train.seed + 1)
         self.run_dir = run_dir
@@ -84,7 +91,8 @@ class Trainer:
         """The official per-transition recompute: a conditional forward of the current model, decode, score."""
         with torch.no_grad():
             _, eps_cond = self.model.predict_eps(x, t, cond, self.uncond, 1.0)
-            return score_latents(self.model, self.reward, xhat0(x, eps_cond, alpha), prompts, self.cfg.reward.batch_size)[0]
+            xhat = xhat0(x, eps_cond, alpha)
+            return score_latents(self.model, self.reward, xhat, prompts, self.cfg.reward.batch_size)[0].to(self.device)
 
     def transition_terms(self, trajs: Trajectories, idx: torch.Tensor, steps: torch.Tensor, beta: float,
                          advantages: Optional[torch.Tensor] = None) -> TransitionTerms:
@@ -101,17 +109,16 @@ class Trainer:
         )
         if self.flow is None:
             return terms
-        terminal = (steps == T - 1).to(self.device)
+        terminal = steps == T - 1
         next_steps = (steps + 1).clamp_max(T - 1)  # a placeholder at the last step, masked below
         t_prev = sch.timesteps[next_steps]
-        final_r = trajs.rewards[idx].to(self.device)
+        final_r = trajs.rewards[idx]
         if trajs.xhat_rewards is not None:
-            r_t = trajs.xhat_rewards[idx, steps].to(self.device)
-            r_prev = trajs.xhat_rewards[idx, next_steps].to(self.device)
+            r_t, r_prev = trajs.xhat_rewards[idx, steps], trajs.xhat_rewards[idx, next_steps]
         else:
             prompts = [trajs.prompts[i] for i in idx.tolist()]
-            r_t = self._xhat_rewards_now(x_t, t, a_t, cond, prompts).to(self.device)
-            r_prev = self._xhat_rewards_now(x_prev, t_prev, sch.alpha_t[next_steps], cond, prompts).to(self.device)
+            r_t = self._xhat_rewards_now(x_t, t, a_t, cond, prompts)
+            r_prev = self._xhat_rewards_now(x_prev, t_prev, sch.alpha_t[next_steps], cond, prompts)
         r_prev = torch.where(terminal, final_r, r_prev)
         # One flow forward on both states of every transition.
         both = self.flow(torch.cat([x_t, x_prev]), torch.cat([t, t_prev]), None if cond is None else torch.cat([cond, cond]))
@@ -124,19 +131,21 @@ class Trainer:
     def train_epoch(self, trajs: Trajectories, beta: float, progress: Optional[tqdm] = None) -> dict[str, float]:
         cfg, n, T = self.cfg, len(trajs), trajs.num_steps
         self.model.unet.train()
-        advantages = DDPO.advantages(trajs.rewards).to(self.device) if isinstance(self.objective, DDPO) else None
+        advantages = DDPO.advantages(trajs.rewards) if isinstance(self.objective, DDPO) else None
         sums: dict[str, torch.Tensor] = {}
         count = 0
         for _ in range(cfg.train.num_inner_epochs):
-            order = torch.randperm(n, generator=self.shuffle)
-            # each sample visits its transitions in its own random order (official schedule)
-            step_order = torch.stack([torch.randperm(T, generator=self.shuffle) for _ in range(n)])[:, : self.num_train_steps]
+            # Shuffle samples; each sample visits its transitions in its own random order (official schedule).
+            # Drawn on the host for reproducibility, moved to the device once per pass.
+            order = torch.randperm(n, generator=self.shuffle).to(self.device)
+            step_order = torch.stack([torch.randperm(T, generator=self.shuffle) for _ in range(n)])
+            step_order = step_order[:, : self.num_train_steps].to(self.device)  # [N, T_train]
             for start in range(0, n, cfg.train.batch_size):
                 idx = order[start : start + cfg.train.batch_size]
                 for j in range(self.num_train_steps):
                     steps = step_order[idx, j]
-                    adv = advantages[idx.to(self.device)] if advantages is not None else None
-                    terms = self.transition_terms(trajs, idx.to(self.device), steps.to(self.device), beta, adv)
+                    adv = advantages[idx] if advantages is not None else None
+                    terms = self.transition_terms(trajs, idx, steps, beta, adv)
                     loss, metrics = self.objective(terms)
                     self.engine.backward(loss)
                     self.engine.step()
@@ -157,6 +166,9 @@ class Trainer:
         metrics_log = MetricsLog(run_dir / "metrics.jsonl")
         (run_dir / "samples").mkdir(exist_ok=True)
         rows = []
+        if self.evaluator is not None and self.epoch == 0:
+            self.evaluations["before"] = self.evaluator()
+            log.info("base model on %s: %s", cfg.eval.prompts, _fmt(self.evaluations["before"].scores))
         updates_per_epoch = cfg.train.num_inner_epochs * (cfg.trajectories_per_epoch // cfg.train.batch_size) * self.num_train_steps
         epochs = tqdm(range(self.epoch, cfg.train.epochs), desc="epochs", disable=not cfg.logging.progress, unit="epoch")
         for epoch in epochs:
@@ -187,8 +199,14 @@ class Trainer:
             every = cfg.checkpoint.every_n_epochs
             if (last and cfg.checkpoint.save_final) or (every and (epoch + 1) % every == 0):
                 self.save(run_dir / "checkpoints" / f"epoch-{epoch + 1:04d}")
+        if self.evaluator is not None:
+            self.evaluations["after"] = self.evaluator()
+            log.info("after training on %s: %s", cfg.eval.prompts, _fmt(self.evaluations["after"].scores))
+        report = write_report(run_dir, metrics_log.read(), self.evaluations.get("before"), self.evaluations.get("after"),
+                              self.evaluator, f"fastdag: {cfg.dag.algorithm} on {cfg.model.pretrained} with {cfg.reward.name}")
+        log.info("report: %s", report)
         return rows
 
     def save(self, directory: Path) -> Path:
-        state = {"epoch": self.epoch + 1, "config": self.cfg, "engine": self.engine.state_dict()}
+        state = {"epoch": self.epoch + 1, "config": config_to_dict(self.cfg), "engine": self.engine.state_dict()}
         return save_checkpoint(directory, self.model, self.flow, state)

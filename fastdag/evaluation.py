@@ -1,0 +1,104 @@
+"""Evaluation on held-out prompts (reward and an optional metric), and the run's at-a-glance report."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from fastdag.config import Config, PromptsConfig
+from fastdag.models import DiffusionModel, ddim_step_schedule
+from fastdag.outputs import sample_grid
+from fastdag.prompts import load_prompts
+from fastdag.rewards import CheckedReward, build_metric
+from fastdag.rollout import generate_images
+
+
+@dataclass
+class Evaluation:
+    """Means over every (prompt, sample) of the reward and the metric's entries, plus the images."""
+
+    scores: dict[str, float]
+    prompts: list[str]  # N = prompts x samples_per_prompt, prompt-major
+    images: torch.Tensor  # [N, 3, H, W] in [0, 1]
+
+
+class Evaluator:
+    def __init__(self, cfg: Config, model: DiffusionModel, reward: CheckedReward, step_fn: Callable,
+                 uncond: Optional[torch.Tensor]):
+        e = cfg.eval
+        self.cfg, self.model, self.reward, self.step_fn, self.uncond = cfg, model, reward, step_fn, uncond
+        prompts = load_prompts(PromptsConfig(source=e.prompts, column=cfg.prompts.column))
+        self.prompts = [p for p in prompts for _ in range(e.samples_per_prompt)]
+        self.metric = build_metric(e.metric) if e.metric else None
+        self.schedule = ddim_step_schedule(model.scheduler, e.num_steps or cfg.sample.num_steps, model.device)
+
+    def __call__(self) -> Evaluation:
+        e, s = self.cfg.eval, self.cfg.sample
+        generator = torch.Generator(self.model.device).manual_seed(e.seed)  # same noise for every evaluation
+        was_training = self.model.unet.training
+        self.model.unet.eval()
+        images = torch.cat([
+            generate_images(
+                self.model, self.schedule, self.prompts[i : i + s.batch_size],
+                guidance_scale=s.guidance_scale if e.guidance_scale is None else e.guidance_scale,
+                eta=s.eta if e.eta is None else e.eta, uncond=self.uncond, step_fn=self.step_fn, generator=generator,
+            )
+            for i in range(0, len(self.prompts), s.batch_size)
+        ])
+        self.model.unet.train(was_training)
+        scores = {"reward": self.reward(images, self.prompts).mean().item()}
+        if self.metric is not None:
+            scores.update({k: v.float().mean().item() for k, v in self.metric(images, self.prompts).items()})
+        return Evaluation(scores, self.prompts, images)
+
+    def grid(self, evaluation: Evaluation):
+        """The first sample of each of the first ``eval.grid_prompts`` prompts, captioned."""
+        k, n = self.cfg.eval.samples_per_prompt, self.cfg.eval.grid_prompts
+        idx = list(range(0, len(evaluation.prompts), k))[:n]
+        return sample_grid(evaluation.images[idx], [evaluation.prompts[i] for i in idx])
+
+
+def write_report(run_dir: Path, rows: list[dict], before: Optional[Evaluation], after: Optional[Evaluation],
+                 evaluator: Optional[Evaluator], title: str) -> Path:
+    """``report.md`` beside a reward-curve PNG and before/after grids: the run at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    mean = [r["reward_mean"] for r in rows]
+    std = [r["reward_std"] for r in rows]
+    ax.plot(epochs, mean, marker="o", label="reward mean")
+    ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2, label="± std")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("reward of the epoch's samples")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "reward_curve.png", dpi=120)
+    plt.close(fig)
+
+    lines = [f"# {title}", "", f"Run directory: `{run_dir}`", "", "## Reward per epoch", "", "![reward per epoch](reward_curve.png)", ""]
+    lines += ["| epoch | reward mean | reward std | β | loss | rollout s | update s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['epoch']} | {r['reward_mean']:.4g} | {r['reward_std']:.3g} | {r['beta']:.4g} | "
+                     f"{r.get('loss', float('nan')):.4g} | {r['rollout_seconds']:.1f} | {r['update_seconds']:.1f} |")
+    if before is not None and after is not None and evaluator is not None:
+        e = evaluator.cfg.eval
+        lines += ["", f"## Held-out evaluation ({len(set(before.prompts))} prompts `{e.prompts}`, "
+                  f"{e.samples_per_prompt} samples each, same seeds before and after)", "",
+                  "| score | base model | after training | change |", "| --- | --- | --- | --- |"]
+        for k in before.scores:
+            b, a = before.scores[k], after.scores[k]
+            lines.append(f"| {k} | {b:.4g} | {a:.4g} | {a - b:+.4g} |")
+        evaluator.grid(before).save(run_dir / "samples_before.png")
+        evaluator.grid(after).save(run_dir / "samples_after.png")
+        lines += ["", "## Samples: base model (left) and after training (right), same prompts and seeds", "",
+                  "| before | after |", "| --- | --- |", "| ![before](samples_before.png) | ![after](samples_after.png) |"]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
