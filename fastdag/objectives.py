@@ -3,16 +3,17 @@
 The trainer evaluates the current model on a minibatch of transitions x_t -> x_{t-1} (one per sample; samples
 may sit at different steps) and hands the results over as :class:`TransitionTerms`; objectives never touch
 models, optimizers or loggers. Metrics are detached 0-d tensors so the hot loop never syncs with the host.
+The residual, the DB loss and the RLOO advantages go through ``kernels`` (Triton or reference, by ``backend``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
+import kernels
 from fastdag.config import DagConfig
-from kernels import db_residual_reference
 
 Metrics = dict[str, torch.Tensor]
 
@@ -43,16 +44,6 @@ def proximal_penalty(terms: TransitionTerms) -> torch.Tensor:
     return ((terms.eps.float() - terms.eps_old.float()) ** 2).mean()
 
 
-def rloo_advantages(a: torch.Tensor, clip: float) -> torch.Tensor:
-    """A_i = (a_i − mean_{j≠i} a_j) / (std_{j≠i} a + 1e-8), clipped to ±clip. a [B], B ≥ 3; std is unbiased."""
-    b = a.shape[0]
-    total, total_sq = a.sum(), (a * a).sum()
-    mean_others = (total - a) / (b - 1)
-    var_others = ((total_sq - a * a) - (b - 1) * mean_others**2) / (b - 2)
-    adv = (a - mean_others) / (var_others.clamp_min(0).sqrt() + 1e-8)
-    return adv.clamp(-clip, clip)
-
-
 def ppo_clipped_loss(log_p: torch.Tensor, log_p_old: torch.Tensor, adv: torch.Tensor, eps: float) -> tuple[torch.Tensor, Metrics]:
     """mean(max(−A ρ, −A clip(ρ, 1−ε, 1+ε))) with ρ = exp(log p − log p_old)."""
     ratio = torch.exp(log_p - log_p_old)
@@ -66,16 +57,15 @@ class DagDB:
 
     uses_flow = True
 
-    def __init__(self, prox_coef: float, residual_fn: Callable = db_residual_reference):
-        self.prox_coef, self.residual_fn = prox_coef, residual_fn
+    def __init__(self, prox_coef: float, backend: str = "reference"):
+        self.prox_coef, self.backend = prox_coef, backend
 
     def residuals(self, terms: TransitionTerms) -> torch.Tensor:
         """δ [B] = log F(x_t) + log p_F − log p_B − log F(x_{t−1})."""
-        return self.residual_fn(terms.log_flow_t, terms.log_flow_prev, terms.log_pf, terms.log_pb)
+        return kernels.db_residual(terms.log_flow_t, terms.log_flow_prev, terms.log_pf, terms.log_pb, backend=self.backend)
 
     def __call__(self, terms: TransitionTerms) -> tuple[torch.Tensor, Metrics]:
-        delta = self.residuals(terms)
-        db = (delta**2).mean()
+        delta, db = kernels.db_loss(terms.log_flow_t, terms.log_flow_prev, terms.log_pf, terms.log_pb, backend=self.backend)
         prox = proximal_penalty(terms)
         loss = db + self.prox_coef * prox
         return loss, {"loss": loss.detach(), "db_loss": db.detach(), "prox": prox.detach(), "residual_abs": delta.detach().abs().mean()}
@@ -89,19 +79,19 @@ class DagKL:
 
     uses_flow = True
 
-    def __init__(self, kl_coef: float, ratio_clip: float, adv_clip: float, prox_coef: float,
-                 residual_fn: Callable = db_residual_reference):
+    def __init__(self, kl_coef: float, ratio_clip: float, adv_clip: float, prox_coef: float, backend: str = "reference"):
         self.kl_coef, self.ratio_clip, self.adv_clip, self.prox_coef = kl_coef, ratio_clip, adv_clip, prox_coef
-        self.residual_fn = residual_fn
+        self.backend = backend
 
     def residuals(self, terms: TransitionTerms) -> torch.Tensor:
         """δ [B] with log p_F detached: the flow network's DB residual."""
-        return self.residual_fn(terms.log_flow_t, terms.log_flow_prev, terms.log_pf.detach(), terms.log_pb)
+        return kernels.db_residual(terms.log_flow_t, terms.log_flow_prev, terms.log_pf.detach(), terms.log_pb,
+                                   backend=self.backend)
 
     def __call__(self, terms: TransitionTerms) -> tuple[torch.Tensor, Metrics]:
-        delta = self.residuals(terms)
-        db = (delta**2).mean()
-        adv = rloo_advantages(-delta.detach(), self.adv_clip)
+        delta, db = kernels.db_loss(terms.log_flow_t, terms.log_flow_prev, terms.log_pf.detach(), terms.log_pb,
+                                    backend=self.backend)
+        adv = kernels.rloo_advantages(-delta.detach(), self.adv_clip, backend=self.backend)
         kl, kl_metrics = ppo_clipped_loss(terms.log_pf, terms.log_pf_old, adv, self.ratio_clip)
         prox = proximal_penalty(terms)
         loss = db + self.kl_coef * kl + self.prox_coef * prox
@@ -130,9 +120,10 @@ class DDPO:
         return loss, {"loss": loss.detach(), "ppo_loss": loss.detach(), **metrics}
 
 
-def build_objective(cfg: DagConfig, residual_fn: Callable = db_residual_reference):
+def build_objective(cfg: DagConfig, backend: str = "reference"):
+    """The objective of ``dag.algorithm``; ``backend`` is ``kernels.backend`` (auto | triton | reference)."""
     if cfg.algorithm == "db":
-        return DagDB(cfg.prox_coef, residual_fn)
+        return DagDB(cfg.prox_coef, backend)
     if cfg.algorithm == "kl":
-        return DagKL(cfg.kl_coefficient, cfg.ratio_clip, cfg.adv_clip, cfg.prox_coef, residual_fn)
+        return DagKL(cfg.kl_coefficient, cfg.ratio_clip, cfg.adv_clip, cfg.prox_coef, backend)
     return DDPO(cfg.ratio_clip, cfg.adv_clip)

@@ -3,7 +3,6 @@ engine -> checkpoint, metrics, samples."""
 from __future__ import annotations
 
 import logging
-import math
 import time
 from functools import partial
 from pathlib import Path
@@ -23,18 +22,9 @@ from fastdag.outputs import MetricsLog, make_run_dir, save_sample_grid
 from fastdag.prompts import PromptSampler, load_prompts
 from fastdag.rewards import CheckedReward, build_reward
 from fastdag.rollout import Trajectories, sample_trajectories, score_latents, xhat0
-from kernels import db_residual_reference, ddim_step_reference
+import kernels
 
 log = logging.getLogger(__name__)
-
-
-def step_math(backend: str, device: torch.device):
-    """(ddim_step, db_residual) functions for ``kernels.backend``."""
-    try:
-        from kernels.dispatch import db_residual, ddim_step
-    except ImportError:  # kernels without the Triton twins: the reference is the only backend
-        return ddim_step_reference, db_residual_reference
-    return partial(ddim_step, backend=backend), partial(db_residual, backend=backend)
 
 
 def _fmt(scores: dict[str, float]) -> str:
@@ -51,8 +41,8 @@ class Trainer:
         self.model, lora_params = build_model(cfg.model, cfg.lora)
         self.device = self.model.device
         self.schedule = ddim_step_schedule(self.model.scheduler, cfg.sample.num_steps, self.device)
-        self.ddim_step, residual_fn = step_math(cfg.kernels.backend, self.device)
-        self.objective = build_objective(cfg.dag, residual_fn)
+        self.ddim_step = partial(kernels.ddim_step, backend=cfg.kernels.backend)
+        self.objective = build_objective(cfg.dag, cfg.kernels.backend)
         self.flow: Optional[FlowNetwork] = None
         if self.objective.uses_flow:
             self.flow = FlowNetwork(self.model.latent_shape[0], cfg.dag.flow, self.model.cond_dim).to(self.device)

@@ -4,7 +4,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from fastdag.config import Config, ConfigError, config_help, load_config, save_config
 
