@@ -4,7 +4,9 @@ recompute (``recompute``), side by side in one process, on the same seeds.
     python -m benchmarks.bench_xhat_modes --config configs/tiny_random_compress.yaml --epochs 3
 
 Epochs of the two modes are interleaved (A B A B ...) so drifting machine load hits both alike; the first epoch of
-each is a warm-up and not counted. Rows go to ``benchmarks/results/epochs.csv``.
+each is a warm-up and not counted. Rows go to ``benchmarks/results/epochs.csv``. The throughput suite
+(``python -m benchmarks tiny|sd15``) compares the full official-cost mode (recompute, reference kernels, no CUDA
+graphs) with the defaults, with phase breakdowns; this script isolates the x̂_0 lever alone.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -127,6 +127,21 @@ def measure_copy_bandwidth(
     return gbps(2 * nbytes, timing.median_ms)
 
 
+def measure_matmul_tflops(
+    device: Union[torch.device, str], dtype: torch.dtype, n: Optional[int] = None, warmup: int = 3, repeat: int = 10
+) -> float:
+    """The device's measured dense matmul rate in TFLOP/s (2·n³ per n×n×n product): the denominator of MFU.
+    ``n`` defaults to 8192 on CUDA and 1024 on CPU."""
+    device = torch.device(device)
+    if n is None:
+        n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)  # [n, n]
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    timing = time_fn(lambda: torch.mm(a, b, out=out), device, warmup=warmup, repeat=repeat, flush_bytes=0)
+    return 2 * n**3 / (timing.median_ms * 1e-3) / 1e12
+
+
 def gbps(nbytes: int, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e9
 
@@ -211,20 +226,24 @@ def result_row(
     return row
 
 
-def append_rows(path: Union[str, os.PathLike], rows: Iterable[dict[str, Any]]) -> Path:
-    """Append rows to a CSV with the header ``RESULT_FIELDS``, writing the header if the file is new."""
+def append_rows(
+    path: Union[str, os.PathLike], rows: Iterable[dict[str, Any]], fields: Sequence[str] = RESULT_FIELDS
+) -> Path:
+    """Append rows to a CSV with the header ``fields`` (default ``RESULT_FIELDS``), writing the header if the
+    file is new; a file with another header is refused."""
+    fields = tuple(fields)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and path.stat().st_size > 0:
         with open(path, newline="") as f:
             header = next(csv.reader(f), [])
-        if tuple(header) != RESULT_FIELDS:
-            raise ValueError(f"{path} has columns {header}, expected {list(RESULT_FIELDS)}; use a new results file")
+        if tuple(header) != fields:
+            raise ValueError(f"{path} has columns {header}, expected {list(fields)}; use a new results file")
         new_file = False
     else:
         new_file = True
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         if new_file:
             writer.writeheader()
         writer.writerows(rows)

@@ -36,7 +36,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 class ModelConfig:
     pretrained: str = _f(
         "tiny-random",
-        "Base model: a preset (tiny-random, tiny-random-ddpm), a local diffusers pipeline directory "
+        "Base model: a preset (tiny-random, tiny-random-ddpm, sd15-random), a local diffusers pipeline directory "
         "(StableDiffusionPipeline or DDPMPipeline) or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5.",
     )
     revision: Optional[str] = _f(None, "Hub revision of the base model.")
@@ -44,6 +44,19 @@ class ModelConfig:
         "auto", "Dtype of the frozen base weights: auto = bfloat16 on GPU, float32 on CPU."
     )
     device: str = _f("auto", "Device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
+    attention: Literal["sdpa", "xformers"] = _f(
+        "sdpa",
+        "Attention backend of the UNet and VAE: sdpa (PyTorch scaled_dot_product_attention) or xformers (used only "
+        "if its ops run on this machine; otherwise logged once and SDPA is kept).",
+    )
+    channels_last: bool = _f(
+        False, "Channels-last memory format for the UNet and VAE (pays on GPUs with bf16/fp16 convolutions)."
+    )
+    compile: bool = _f(
+        False,
+        "torch.compile the UNet in place (pays on a GPU over long runs: minutes of compilation; on a CPU it took "
+        "~100 s for ~8%).",
+    )
 
 
 @dataclass
@@ -68,6 +81,11 @@ class SampleConfig:
     batch_size: int = _f(8, "Trajectories per rollout batch.")
     num_batches_per_epoch: int = _f(4, "Rollout batches per epoch (trajectories per epoch = batch_size x this).")
     negative_prompt: str = _f("", "Prompt for the unconditional half of the CFG batch.")
+    cuda_graphs: bool = _f(
+        False,
+        "Capture the static-shape rollout step (CFG UNet forward + DDIM step) in a CUDA graph per batch size and "
+        "replay it; CUDA only (on a CPU it is logged once and the rollout runs eager).",
+    )
 
     def __post_init__(self) -> None:
         _check(self.num_steps >= 1, "sample.num_steps", f"must be >= 1, got {self.num_steps}")
@@ -146,6 +164,23 @@ class DagConfig:
         "rollout",
         "x̂_0 rewards of the forward-looking flow: rollout (scored once per state at sampling time) or "
         "recompute (the official per-transition recompute with the current model).",
+    )
+    xhat_overlap: bool = _f(
+        False,
+        "rollout x̂_0 rewards: decode and score each rollout batch's states on a side thread and CUDA stream while "
+        "the next batch denoises (CUDA only; on a CPU, or while profiling, they run inline). Off by default until "
+        "it has been measured on a GPU.",
+    )
+    xhat_states: Literal["all", "trained"] = _f(
+        "trained",
+        "rollout x̂_0 rewards: score only the states the update reads (the trained steps are drawn at rollout time; "
+        "each trained step's state and its successor; with train.timestep_fraction = 1 that is every state) or "
+        "all states. Same transitions, same loss either way.",
+    )
+    xhat_decoder: Optional[str] = _f(
+        None,
+        "rollout x̂_0 rewards: a diffusers AutoencoderTiny directory (e.g. TAESD) decoding the intermediate "
+        "states instead of the VAE (cheaper, approximate); the final sample always uses the VAE. None: the VAE.",
     )
     kl_coef: Optional[float] = _f(None, "DAG-KL: coefficient of the KL-gradient term; None = the final beta.")
     ratio_clip: float = _f(1e-4, "DAG-KL/DDPO: PPO ratio clip epsilon (paper: 1e-4).")

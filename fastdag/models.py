@@ -18,6 +18,25 @@ from fastdag.config import ConfigError, LoraConfig, ModelConfig
 from fastdag.presets import PRESETS
 
 log = logging.getLogger(__name__)
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        log.warning(message)
+
+
+def xformers_works(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """(True, "") if xformers imports and a tiny ``memory_efficient_attention`` runs on ``device``."""
+    try:
+        import xformers.ops
+
+        q = torch.zeros(1, 4, 1, 8, device=device, dtype=dtype)  # [B, M, heads, K]
+        xformers.ops.memory_efficient_attention(q, q, q)
+        return True, ""
+    except Exception as e:  # ImportError, missing/incompatible compiled ops, unsupported device or dtype
+        return False, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,6 +63,11 @@ def load_pipeline(cfg: ModelConfig):
 
     if name in assets.PIPELINES:
         path = assets.PIPELINES[name]()
+        if not (path / "model_index.json").is_file():
+            raise ConfigError(
+                f"model.pretrained: the embedded model {name!r} is not in this install ({path}); "
+                "build it with `fastdag toy pretrain --out DIR` and pass DIR"
+            )
     else:
         path = Path(name).expanduser()
     looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
@@ -129,6 +153,8 @@ class DiffusionModel:
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         self.latent_shape = (self.unet.config.in_channels, *size)
+        self.xhat_decoder = None
+        self.cuda_graphs: dict = {}  # rollout step graphs by (batch, guidance, eta, reduce), see rollout.GraphedStep
 
     @property
     def conditional(self) -> bool:
@@ -146,7 +172,46 @@ class DiffusionModel:
     def autocast(self):
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        # Autocast's weight-cast cache must be off while a CUDA graph is captured (the cached casts would be
+        # freed after capture while the graph still points at them).
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=not capturing)
+
+    def load_xhat_decoder(self, path: str) -> None:
+        """A cheaper decoder for intermediate x̂_0 states: a diffusers ``AutoencoderTiny`` directory (TAESD)."""
+        if not self.conditional:
+            raise ConfigError("dag.xhat_decoder: only latent (text-to-image) models have a decoder to replace")
+        directory = Path(path).expanduser()
+        if not (directory / "config.json").is_file():
+            raise ConfigError(f"dag.xhat_decoder: {path!r} is not a diffusers AutoencoderTiny directory (no config.json)")
+        from diffusers import AutoencoderTiny
+
+        try:
+            decoder = AutoencoderTiny.from_pretrained(str(directory))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"dag.xhat_decoder: could not load {path!r}: {str(e).splitlines()[0]}") from None
+        decoder.requires_grad_(False).eval().to(self.device, dtype=self.dtype)
+        self.xhat_decoder = decoder
+
+    def set_attention(self, backend: str) -> str:
+        """Use ``backend`` (sdpa | xformers) in the UNet and VAE; returns the backend actually used.
+
+        xformers is used only if a tiny ``memory_efficient_attention`` call runs here: an installed wheel built
+        for another torch imports but fails in its ops (``diffusers.utils.is_xformers_available`` says True).
+        """
+        if backend != "xformers":
+            return "sdpa"
+        ok, why = xformers_works(self.device, self.dtype)
+        if not ok:
+            _log_once(f"model.attention=xformers: xformers does not run here ({why}); using PyTorch SDPA")
+            return "sdpa"
+        for module in [self.unet, *([self.pipeline.vae] if self.conditional else [])]:
+            module.enable_xformers_memory_efficient_attention()
+        return "xformers"
+
+    def apply_memory_format(self) -> None:
+        for module in [self.unet, *([self.pipeline.vae] if self.conditional else [])]:
+            module.to(memory_format=torch.channels_last)
 
     def add_lora(self, cfg: LoraConfig) -> list[torch.nn.Parameter]:
         """Add LoRA layers to the UNet (peft); returns the trainable parameters, kept in fp32."""
@@ -206,10 +271,13 @@ class DiffusionModel:
         return eps_u + guidance_scale * (eps_c - eps_u), eps_c
 
     @torch.no_grad()
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents (or pixels) [B, *latent_shape] -> images float [B, 3, H, W] in [0, 1]."""
+    def decode(self, x: torch.Tensor, cheap: bool = False) -> torch.Tensor:
+        """Latents (or pixels) [B, *latent_shape] -> images float [B, 3, H, W] in [0, 1].
+
+        ``cheap`` decodes with ``xhat_decoder`` (AutoencoderTiny) when one is loaded, else with the VAE.
+        """
         if self.conditional:
-            vae = self.pipeline.vae
+            vae = self.xhat_decoder if cheap and self.xhat_decoder is not None else self.pipeline.vae
             with self.autocast():
                 x = vae.decode(x.to(self.dtype) / vae.config.scaling_factor).sample
         return (x.float() / 2 + 0.5).clamp(0, 1)
@@ -241,4 +309,10 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> tuple[Diffusion
     device = resolve_device(model_cfg.device)
     dtype = resolve_dtype(model_cfg.dtype, device)
     model = DiffusionModel(load_pipeline(model_cfg), device, dtype)
-    return model, model.add_lora(lora_cfg)
+    model.attention = model.set_attention(model_cfg.attention)
+    if model_cfg.channels_last:
+        model.apply_memory_format()
+    params = model.add_lora(lora_cfg)
+    if model_cfg.compile:
+        model.unet.compile()  # in place: module names, LoRA state dicts and hooks stay as they are
+    return model, params

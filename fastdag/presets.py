@@ -2,8 +2,10 @@
 
 ``tiny-random`` has every component type of Stable Diffusion 1.5 (CLIP tokenizer and text encoder,
 UNet2DConditionModel with cross-attention, AutoencoderKL, DDIM scheduler) at a size that runs on a laptop CPU;
-``tiny-random-ddpm`` is the paper's toy kind: an unconditional pixel-space UNet2DModel in a DDPMPipeline.
-Both are built deterministically from a seed, so a preset name stands for fixed weights.
+``tiny-random-ddpm`` is the paper's toy kind: an unconditional pixel-space UNet2DModel in a DDPMPipeline;
+``sd15-random`` is Stable Diffusion 1.5's architecture (UNet 860 M, VAE 84 M, CLIP ViT-L/14 text encoder 123 M
+parameters) from its public config values with random weights: FLOP for FLOP the real model, for throughput
+benchmarks on machines without the weights. All are built deterministically from a seed, so a preset name stands for fixed weights.
 """
 from __future__ import annotations
 
@@ -157,7 +159,84 @@ def tiny_ddpm_pipeline(seed: int = 0, image_size: int = 16):
     return DDPMPipeline(unet=unet, scheduler=scheduler)
 
 
+def sd15_configs(width_divisor: int = 1) -> dict[str, dict]:
+    """The constructor arguments of SD 1.5's UNet, VAE and text encoder (runwayml/stable-diffusion-v1-5's
+    ``unet/``, ``vae/``, ``text_encoder/`` config.json values). ``width_divisor`` (1, 2, 4, 8) divides every
+    channel count, for tests; 1 is the real model."""
+    d = width_divisor
+    if d not in (1, 2, 4, 8):
+        raise ValueError(f"width_divisor must be 1, 2, 4 or 8, got {d}")
+    groups = 32 // d
+    unet = dict(
+        sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=tuple(c // d for c in (320, 640, 1280, 1280)), layers_per_block=2, downsample_padding=1,
+        mid_block_scale_factor=1, act_fn="silu", norm_num_groups=groups, norm_eps=1e-5,
+        cross_attention_dim=768 // d, attention_head_dim=8,
+    )
+    vae = dict(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=tuple(c // d for c in (128, 256, 512, 512)),
+        layers_per_block=2, act_fn="silu", latent_channels=4, norm_num_groups=groups, sample_size=512,
+        scaling_factor=0.18215,
+    )
+    text = dict(
+        vocab_size=49408, hidden_size=768 // d, intermediate_size=3072 // d, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768 // d,
+    )
+    return {"unet": unet, "vae": vae, "text_encoder": text}
+
+
+def sd15_parameter_counts(width_divisor: int = 1) -> dict[str, int]:
+    """Parameters of each SD-1.5 component, counted on the meta device (no memory, no init)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = sd15_configs(width_divisor)
+    with torch.device("meta"):
+        modules = {
+            "unet": UNet2DConditionModel(**cfg["unet"]),
+            "vae": AutoencoderKL(**cfg["vae"]),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
+        }
+    return {k: sum(p.numel() for p in m.parameters()) for k, m in modules.items()}
+
+
+def sd15_random_pipeline(seed: int = 0, width_divisor: int = 1, image_size: int = 512):
+    """A ``StableDiffusionPipeline`` with SD 1.5's architecture and random weights drawn from ``seed``.
+
+    The tokenizer is the word-level CLIP tokenizer of the tiny presets padded to 77 tokens (CLIP's context), so
+    the text encoder sees SD's sequence length; its 49408-entry embedding is SD's. ``image_size`` 512 gives SD's
+    4 × 64 × 64 latents. Built on the CPU in fp32 (~4.3 GB at full width); the model moves it to its device.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = sd15_configs(width_divisor)
+    cfg["unet"]["sample_size"] = image_size // 8
+    cfg["vae"]["sample_size"] = image_size
+    tokenizer = word_level_clip_tokenizer(TINY_WORDS, model_max_length=77)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            **cfg["text_encoder"], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ))
+        vae = AutoencoderKL(**cfg["vae"])
+        unet = UNet2DConditionModel(**cfg["unet"])
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
 PRESETS = {
     "tiny-random": tiny_text_to_image_pipeline,
     "tiny-random-ddpm": tiny_ddpm_pipeline,
+    "sd15-random": sd15_random_pipeline,
 }

@@ -3,17 +3,27 @@
 Per trajectory the policy runs T CFG UNet forwards. With ``xhat_rewards: rollout`` the x̂_0 of every state is
 taken from the *conditional* half of the CFG batch at sampling time (free) and each state is decoded and scored
 once; with ``recompute`` the trainer rescoring happens per transition instead (the official code's cost).
+
+A rollout batch is denoised (:func:`rollout_batch`), then decoded and scored (:func:`score_rollout`); the trainer
+can run the scoring of batch k on a side thread and CUDA stream while batch k+1 denoises
+(:class:`OverlappedScorer`), score only the states it will train on, and decode intermediate states with a cheap
+decoder. The static-shape step can replay as a CUDA graph (:class:`GraphedStep`).
 """
 from __future__ import annotations
 
+import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Callable, Iterator, Optional
 
 import torch
 
 from fastdag.models import DiffusionModel, StepSchedule
+from fastdag.profiling import NULL_TIMER, PhaseTimer
 from fastdag.rewards import CheckedReward
 from kernels.ddim_step import DDIMStepOutput
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,16 +74,98 @@ def xhat0(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor) -> torch.
 
 def score_latents(
     model: DiffusionModel, reward: CheckedReward, latents: torch.Tensor, prompts: list[str], batch_size: int,
-    keep_images: bool = False,
+    keep_images: bool = False, *, cheap: bool = False, timer: PhaseTimer = NULL_TIMER,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Decode [N, C, H, W] latents in batches and score them: (rewards [N], images [N, 3, H', W'] or None), CPU."""
+    """Decode [N, C, H, W] latents in batches and score them: (rewards [N], images [N, 3, H', W'] or None), CPU.
+
+    ``cheap`` decodes with the model's x̂_0 decoder (``dag.xhat_decoder``) when one is loaded.
+    """
     rewards, images = [], []
     for i in range(0, latents.shape[0], batch_size):
-        img = model.decode(latents[i : i + batch_size])
-        rewards.append(reward(img, prompts[i : i + batch_size]))
+        with timer.phase("decode"):
+            img = model.decode(latents[i : i + batch_size], cheap=cheap)
+        with timer.phase("reward"):
+            rewards.append(reward(img, prompts[i : i + batch_size]))
         if keep_images:
             images.append(img.cpu())
     return torch.cat(rewards), (torch.cat(images) if keep_images else None)
+
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        log.warning(message)
+
+
+def cuda_graphs_usable(model: DiffusionModel, requested: bool) -> bool:
+    """Whether rollout steps may be CUDA-graphed: asked for, a CUDA device, and CUDA available (graph objects
+    cannot even be constructed without it). Asking for them elsewhere is logged once; the rollout runs eager."""
+    if not requested:
+        return False
+    if model.device.type == "cuda" and torch.cuda.is_available():
+        return True
+    _log_once(f"sample.cuda_graphs: CUDA graphs need a CUDA device (model on {model.device}); running eager")
+    return False
+
+
+class GraphedStep:
+    """One rollout step (CFG UNet forward + DDIM step) captured in a CUDA graph for a fixed batch size.
+
+    Inputs are copied into static buffers (x [B, C, H, W], t [B], ᾱ_t [B], ᾱ_prev [B], noise [B, C, H, W],
+    cond [B, L, D]) and the graph replayed; the outputs (ε̂, ε_c, step output) are static buffers overwritten by
+    the next replay, so callers copy what they keep. The LoRA weights are read through their storage, so
+    in-place optimizer updates are seen by later replays.
+    """
+
+    def __init__(self, model: DiffusionModel, uncond: Optional[torch.Tensor], batch: int, *, guidance_scale: float,
+                 eta: float, reduce: str, step_fn: Callable, cond_shape: Optional[tuple[int, ...]]):
+        dev = model.device
+        self.x = torch.zeros((batch, *model.latent_shape), device=dev)  # [B, C, H, W]
+        self.noise = torch.zeros_like(self.x)
+        self.t = torch.full((batch,), 500, dtype=torch.long, device=dev)
+        self.a_t = torch.full((batch,), 0.5, device=dev)
+        self.a_prev = torch.full((batch,), 0.6, device=dev)
+        self.cond = torch.zeros(cond_shape, dtype=model.dtype, device=dev) if cond_shape is not None else None
+
+        def body():
+            eps, eps_cond = model.predict_eps(self.x, self.t, self.cond, uncond, guidance_scale)
+            return eps, eps_cond, step_fn(eps, self.x, self.a_t, self.a_prev, eta, noise=self.noise, reduce=reduce)
+
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up off the capture: allocator, cuDNN/Triton autotuning
+            for _ in range(3):
+                body()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.eps, self.eps_cond, self.out = body()
+
+    def __call__(self, x, t, a_t, a_prev, noise, cond) -> tuple[torch.Tensor, torch.Tensor, DDIMStepOutput]:
+        self.x.copy_(x)
+        self.t.copy_(t)
+        self.a_t.copy_(a_t)
+        self.a_prev.copy_(a_prev)
+        self.noise.copy_(noise)
+        if self.cond is not None:
+            self.cond.copy_(cond)
+        self.graph.replay()
+        return self.eps, self.eps_cond, self.out
+
+
+def graphed_step(model: DiffusionModel, uncond: Optional[torch.Tensor], batch: int, cond: Optional[torch.Tensor], *,
+                 guidance_scale: float, eta: float, reduce: str, step_fn: Callable) -> GraphedStep:
+    """The model's cached :class:`GraphedStep` for this batch size and sampler settings (captured on first use)."""
+    key = (batch, guidance_scale, eta, reduce, None if cond is None else tuple(cond.shape))
+    if key not in model.cuda_graphs:
+        model.cuda_graphs[key] = GraphedStep(
+            model, uncond, batch, guidance_scale=guidance_scale, eta=eta, reduce=reduce, step_fn=step_fn,
+            cond_shape=None if cond is None else tuple(cond.shape),
+        )
+    return model.cuda_graphs[key]
 
 
 def denoise(
@@ -88,17 +180,127 @@ def denoise(
     reduce: str,
     step_fn: Callable,
     generator: torch.Generator,
+    graph: Optional[GraphedStep] = None,
+    timer: PhaseTimer = NULL_TIMER,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, DDIMStepOutput]]:
-    """Run the T DDIM steps from x = x_T; yields (i, x_t, ε̂ CFG, ε_c conditional, step output) per step."""
+    """Run the T DDIM steps from x = x_T; yields (i, x_t, ε̂ CFG, ε_c conditional, step output) per step.
+
+    With ``graph`` the step replays a CUDA graph; the yielded tensors are then its static buffers, valid until
+    the next step.
+    """
     b = x.shape[0]
     for i in range(schedule.num_steps):
         t = schedule.timesteps[i].expand(b)
         a_t, a_prev = schedule.alpha_t[i].expand(b), schedule.alpha_prev[i].expand(b)
-        eps, eps_cond = model.predict_eps(x, t, cond, uncond, guidance_scale)
         noise = torch.randn(x.shape, generator=generator, device=x.device)
-        out = step_fn(eps, x, a_t, a_prev, eta, noise=noise, reduce=reduce)
+        if graph is not None:
+            with timer.phase("unet"):  # UNet and step math replay as one graph
+                eps, eps_cond, out = graph(x, t, a_t, a_prev, noise, cond)
+            x = graph.x
+        else:
+            with timer.phase("unet"):
+                eps, eps_cond = model.predict_eps(x, t, cond, uncond, guidance_scale)
+            with timer.phase("step"):
+                out = step_fn(eps, x, a_t, a_prev, eta, noise=noise, reduce=reduce)
         yield i, x, eps, eps_cond, out
         x = out.x_prev
+
+
+@dataclass
+class Rollout:
+    """One rollout batch before its rewards are scored (shapes as :class:`Trajectories`)."""
+
+    prompts: list[str]  # B
+    prompt_embeds: Optional[torch.Tensor]  # [B, L, D]
+    latents: torch.Tensor  # [B, T+1, C, H, W]
+    log_pf: torch.Tensor  # [B, T]
+    log_pb: torch.Tensor  # [B, T]
+    eps: torch.Tensor  # [B, T, C, H, W]
+    timesteps: torch.Tensor  # [B, T]
+    xhat: Optional[torch.Tensor]  # [B, T, C, H, W] fp32 x̂_0 of states 0..T-1 (conditional ε), or None
+
+
+@torch.no_grad()
+def rollout_batch(
+    model: DiffusionModel,
+    schedule: StepSchedule,
+    prompts: list[str],
+    *,
+    guidance_scale: float,
+    eta: float,
+    reduce: str,
+    uncond: Optional[torch.Tensor],
+    step_fn: Callable,
+    generator: torch.Generator,
+    keep_xhat: bool,
+    cuda_graphs: bool = False,
+    timer: PhaseTimer = NULL_TIMER,
+) -> Rollout:
+    """Denoise B = len(prompts) trajectories from x_T ~ N(0, I); no decoding or scoring (see :func:`score_rollout`)."""
+    b, T, dev = len(prompts), schedule.num_steps, model.device
+    cond = model.encode_prompts(prompts)
+    x = torch.randn((b, *model.latent_shape), generator=generator, device=dev)
+    latents = torch.empty((b, T + 1, *model.latent_shape), device=dev)  # [B, T+1, C, H, W]
+    eps_all = torch.empty((b, T, *model.latent_shape), device=dev)  # [B, T, C, H, W]
+    xhat = torch.empty_like(eps_all) if keep_xhat else None  # [B, T, C, H, W]
+    log_pf = torch.empty((b, T), device=dev)
+    log_pb = torch.empty((b, T), device=dev)
+    latents[:, 0] = x
+    graph = None
+    if cuda_graphs_usable(model, cuda_graphs):
+        graph = graphed_step(model, uncond, b, cond, guidance_scale=guidance_scale, eta=eta, reduce=reduce,
+                             step_fn=step_fn)
+    steps = denoise(model, schedule, x, cond, uncond, guidance_scale=guidance_scale, eta=eta, reduce=reduce,
+                    step_fn=step_fn, generator=generator, graph=graph, timer=timer)
+    for i, x_t, eps, eps_cond, out in steps:
+        with timer.phase("step"):
+            if keep_xhat:
+                # The forward-looking flow uses x̂_0 of the conditional prediction (no CFG), as the official code.
+                xhat[:, i] = xhat0(x_t, eps_cond, schedule.alpha_t[i].expand(b))
+            latents[:, i + 1] = out.x_prev
+            eps_all[:, i] = eps
+            log_pf[:, i], log_pb[:, i] = out.log_pf, out.log_pb
+    return Rollout(list(prompts), cond, latents, log_pf, log_pb, eps_all, schedule.timesteps.expand(b, T).clone(), xhat)
+
+
+@torch.no_grad()
+def score_rollout(
+    model: DiffusionModel,
+    reward: CheckedReward,
+    rollout: Rollout,
+    *,
+    reward_batch_size: int,
+    xhat_mask: Optional[torch.Tensor] = None,
+    timer: PhaseTimer = NULL_TIMER,
+) -> Trajectories:
+    """Decode and score the final samples and (if kept) the x̂_0 of the states selected by ``xhat_mask``.
+
+    ``xhat_mask`` [B, T] bool (CPU) selects the states to score (``dag.xhat_states: trained``); the others get
+    NaN x̂_0 rewards and must not be trained on. None scores every state.
+    """
+    r, dev = rollout, model.device
+    b, T = r.log_pf.shape
+    rewards, images = score_latents(model, reward, r.latents[:, T], r.prompts, reward_batch_size, keep_images=True,
+                                    timer=timer)
+    xhat_rewards = None
+    if r.xhat is not None:
+        if xhat_mask is None:
+            flat = r.xhat.reshape(b * T, *model.latent_shape)  # state-major: sample 0's T states, then sample 1's ...
+            flat_prompts = [p for p in r.prompts for _ in range(T)]
+            xhat_rewards = score_latents(model, reward, flat, flat_prompts, reward_batch_size, cheap=True,
+                                         timer=timer)[0].reshape(b, T).to(dev)
+        else:
+            mask = xhat_mask.cpu()
+            flat_prompts = [r.prompts[i] for i in mask.nonzero()[:, 0].tolist()]
+            scored = torch.full((b, T), float("nan"))
+            if flat_prompts:
+                scored[mask] = score_latents(model, reward, r.xhat[mask.to(r.xhat.device)], flat_prompts,
+                                             reward_batch_size, cheap=True, timer=timer)[0].float()
+            xhat_rewards = scored.to(dev)
+    return Trajectories(
+        prompts=r.prompts, prompt_embeds=r.prompt_embeds, latents=r.latents, log_pf=r.log_pf, log_pb=r.log_pb,
+        eps=r.eps, timesteps=r.timesteps, rewards=rewards.to(dev), xhat_rewards=xhat_rewards, images=images,
+    )
 
 
 @torch.no_grad()
@@ -116,49 +318,64 @@ def sample_trajectories(
     generator: torch.Generator,
     score_xhat: bool,
     reward_batch_size: int,
+    xhat_mask: Optional[torch.Tensor] = None,
+    cuda_graphs: bool = False,
+    timer: PhaseTimer = NULL_TIMER,
 ) -> Trajectories:
-    """Sample B = len(prompts) trajectories from x_T ~ N(0, I) with the current policy.
+    """Sample B = len(prompts) trajectories from x_T ~ N(0, I) with the current policy and score them inline.
 
     ``step_fn`` has the signature of ``kernels.ddim_step_reference``; ``uncond`` is the [1, L, D] embedding of
-    the negative prompt. ``score_xhat`` decodes and scores x̂_0 of every state once (``xhat_rewards: rollout``).
+    the negative prompt. ``score_xhat`` decodes and scores x̂_0 of every state once (``xhat_rewards: rollout``),
+    or of the states in ``xhat_mask`` [B, T].
     """
-    b, T, dev = len(prompts), schedule.num_steps, model.device
-    cond = model.encode_prompts(prompts)
-    x = torch.randn((b, *model.latent_shape), generator=generator, device=dev)
-    latents = torch.empty((b, T + 1, *model.latent_shape), device=dev)  # [B, T+1, C, H, W]
-    eps_all = torch.empty((b, T, *model.latent_shape), device=dev)  # [B, T, C, H, W]
-    xhat = torch.empty_like(eps_all) if score_xhat else None  # [B, T, C, H, W]
-    log_pf = torch.empty((b, T), device=dev)
-    log_pb = torch.empty((b, T), device=dev)
-    latents[:, 0] = x
-    steps = denoise(model, schedule, x, cond, uncond, guidance_scale=guidance_scale, eta=eta, reduce=reduce,
-                    step_fn=step_fn, generator=generator)
-    for i, x_t, eps, eps_cond, out in steps:
-        if score_xhat:
-            # The forward-looking flow uses x̂_0 of the conditional prediction (no CFG), as the official code.
-            xhat[:, i] = xhat0(x_t, eps_cond, schedule.alpha_t[i].expand(b))
-        latents[:, i + 1] = out.x_prev
-        eps_all[:, i] = eps
-        log_pf[:, i], log_pb[:, i] = out.log_pf, out.log_pb
+    rollout = rollout_batch(model, schedule, prompts, guidance_scale=guidance_scale, eta=eta, reduce=reduce,
+                            uncond=uncond, step_fn=step_fn, generator=generator, keep_xhat=score_xhat,
+                            cuda_graphs=cuda_graphs, timer=timer)
+    return score_rollout(model, reward, rollout, reward_batch_size=reward_batch_size, xhat_mask=xhat_mask, timer=timer)
 
-    rewards, images = score_latents(model, reward, latents[:, T], prompts, reward_batch_size, keep_images=True)
-    xhat_rewards = None
-    if score_xhat:
-        flat = xhat.reshape(b * T, *model.latent_shape)  # state-major: sample 0's T states, then sample 1's ...
-        flat_prompts = [p for p in prompts for _ in range(T)]
-        xhat_rewards = score_latents(model, reward, flat, flat_prompts, reward_batch_size)[0].reshape(b, T).to(dev)
-    return Trajectories(
-        prompts=list(prompts),
-        prompt_embeds=cond,
-        latents=latents,
-        log_pf=log_pf,
-        log_pb=log_pb,
-        eps=eps_all,
-        timesteps=schedule.timesteps.expand(b, T).clone(),
-        rewards=rewards.to(dev),
-        xhat_rewards=xhat_rewards,
-        images=images,
-    )
+
+class _Done:
+    def __init__(self, value):
+        self._value = value
+
+    def result(self):
+        return self._value
+
+
+class OverlappedScorer:
+    """Runs scoring jobs on one side thread and a side CUDA stream, so batch k's decoding and reward calls overlap
+    batch k+1's denoising (``dag.xhat_overlap``). On a CPU, or when disabled, jobs run inline when submitted.
+
+    One worker: reward calls never run concurrently with each other. ``submit(fn, tensors)`` makes the side
+    stream wait for the work queued so far and marks ``tensors`` (the rollout's outputs) as used by it.
+    """
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.device = device
+        self.enabled = enabled and device.type == "cuda" and torch.cuda.is_available()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastdag-score") if self.enabled else None
+        self._stream = torch.cuda.Stream(device) if self.enabled else None
+
+    def submit(self, fn: Callable[[], Trajectories], tensors: tuple[torch.Tensor, ...] = ()):
+        if not self.enabled:
+            return _Done(fn())
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.device))
+        for t in tensors:
+            t.record_stream(self._stream)
+
+        def job():
+            with torch.no_grad(), torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+                self._stream.wait_event(ready)
+                out = fn()
+            self._stream.synchronize()  # results are complete before the main stream reads them
+            return out
+
+        return self._pool.submit(job)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 @torch.no_grad()

@@ -21,7 +21,8 @@ from fastdag.objectives import DDPO, TransitionTerms, beta_at, build_objective
 from fastdag.outputs import MetricsLog, make_run_dir, save_sample_grid
 from fastdag.prompts import PromptSampler, load_prompts
 from fastdag.rewards import CheckedReward, build_reward
-from fastdag.rollout import Trajectories, sample_trajectories, score_latents, xhat0
+from fastdag.profiling import PhaseTimer
+from fastdag.rollout import OverlappedScorer, Trajectories, rollout_batch, score_latents, score_rollout, xhat0
 import kernels
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model, lora_params = build_model(cfg.model, cfg.lora)
         self.device = self.model.device
+        if cfg.dag.xhat_decoder is not None:
+            self.model.load_xhat_decoder(cfg.dag.xhat_decoder)
+        # Per-phase timing for `fastdag profile` and the benchmarks; off (a no-op, no host syncs) in training.
+        self.timer = PhaseTimer(enabled=False, device=self.device)
         self.schedule = ddim_step_schedule(self.model.scheduler, cfg.sample.num_steps, self.device)
         self.ddim_step = partial(kernels.ddim_step, backend=cfg.kernels.backend)
         self.objective = build_objective(cfg.dag, cfg.kernels.backend)
@@ -59,30 +64,72 @@ class Trainer:
         self.shuffle = torch.Generator().manual_seed(cfg.train.seed + 1)
         self.run_dir = run_dir
         self.epoch = 0
+        self._plan: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
 
     # ----- rollout -------------------------------------------------------------------------------------------
+    def draw_plan(self, n: int, num_steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The update's visiting order for one epoch, one (order [n], steps [n, T_train]) per inner epoch (CPU).
+
+        Official schedule: shuffle samples; each sample visits its transitions in its own random order and trains
+        on the first ``T_train`` of them. Drawn at rollout time so the x̂_0 scoring can be limited to the trained
+        states (``dag.xhat_states: trained``); the draws are those the update would make, in the same order.
+        """
+        plan = []
+        for _ in range(self.cfg.train.num_inner_epochs):
+            order = torch.randperm(n, generator=self.shuffle)
+            step_order = torch.stack([torch.randperm(num_steps, generator=self.shuffle) for _ in range(n)])
+            plan.append((order, step_order[:, : self.num_train_steps]))
+        return plan
+
+    @staticmethod
+    def trained_states(plan: list[tuple[torch.Tensor, torch.Tensor]], num_steps: int) -> torch.Tensor:
+        """[n, T] bool: the states whose x̂_0 reward a planned epoch reads: x_t and x_{t-1} of every trained step
+        (x_0 after the last step is scored with the true reward instead)."""
+        n = plan[0][1].shape[0]
+        mask = torch.zeros(n, num_steps + 1, dtype=torch.bool)
+        for _, steps in plan:
+            mask.scatter_(1, steps, True)
+            mask.scatter_(1, steps + 1, True)
+        return mask[:, :num_steps]
+
     def sample_epoch(self) -> Trajectories:
-        cfg = self.cfg
+        cfg, T = self.cfg, self.schedule.num_steps
         self.model.unet.eval()
-        parts = [
-            sample_trajectories(
-                self.model, self.schedule, self.prompts.sample(cfg.sample.batch_size), self.reward,
-                guidance_scale=cfg.sample.guidance_scale, eta=cfg.sample.eta, reduce=cfg.dag.reduce,
-                uncond=self.uncond, step_fn=self.ddim_step, generator=self.noise,
-                score_xhat=self.objective.uses_flow and cfg.dag.xhat_rewards == "rollout",
-                reward_batch_size=cfg.reward.batch_size,
-            )
-            for _ in range(cfg.sample.num_batches_per_epoch)
-        ]
-        return Trajectories.cat(parts)
+        n = cfg.trajectories_per_epoch
+        self._plan = self.draw_plan(n, T)
+        score_xhat = self.objective.uses_flow and cfg.dag.xhat_rewards == "rollout"
+        mask = self.trained_states(self._plan, T) if score_xhat and cfg.dag.xhat_states == "trained" else None
+        # Phase timing needs the work serialised; overlapping would hide the scoring inside the denoising.
+        scorer = OverlappedScorer(self.device, cfg.dag.xhat_overlap and not self.timer.enabled)
+        b, parts = cfg.sample.batch_size, []
+        try:
+            with self.timer.stage("rollout"):
+                for k in range(cfg.sample.num_batches_per_epoch):
+                    rollout = rollout_batch(
+                        self.model, self.schedule, self.prompts.sample(b), guidance_scale=cfg.sample.guidance_scale,
+                        eta=cfg.sample.eta, reduce=cfg.dag.reduce, uncond=self.uncond, step_fn=self.ddim_step,
+                        generator=self.noise, keep_xhat=score_xhat, cuda_graphs=cfg.sample.cuda_graphs,
+                        timer=self.timer,
+                    )
+                    batch_mask = mask[k * b : (k + 1) * b] if mask is not None else None
+                    job = partial(score_rollout, self.model, self.reward, rollout, reward_batch_size=cfg.reward.batch_size,
+                                  xhat_mask=batch_mask, timer=self.timer)
+                    keep = tuple(t for t in (rollout.latents, rollout.xhat) if t is not None)
+                    parts.append(scorer.submit(job, keep))
+                trajs = Trajectories.cat([part.result() for part in parts])
+        finally:
+            scorer.close()
+        return trajs
 
     # ----- update --------------------------------------------------------------------------------------------
     def _xhat_rewards_now(self, x: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor, cond, prompts) -> torch.Tensor:
         """The official per-transition recompute: a conditional forward of the current model, decode, score."""
         with torch.no_grad():
-            _, eps_cond = self.model.predict_eps(x, t, cond, self.uncond, 1.0)
-            xhat = xhat0(x, eps_cond, alpha)
-            return score_latents(self.model, self.reward, xhat, prompts, self.cfg.reward.batch_size)[0].to(self.device)
+            with self.timer.phase("unet"):
+                _, eps_cond = self.model.predict_eps(x, t, cond, self.uncond, 1.0)
+                xhat = xhat0(x, eps_cond, alpha)
+            return score_latents(self.model, self.reward, xhat, prompts, self.cfg.reward.batch_size, cheap=True,
+                                 timer=self.timer)[0].to(self.device)
 
     def transition_terms(self, trajs: Trajectories, idx: torch.Tensor, steps: torch.Tensor, beta: float,
                          advantages: Optional[torch.Tensor] = None) -> TransitionTerms:
@@ -91,8 +138,11 @@ class Trainer:
         x_t, x_prev = trajs.latents[idx, steps], trajs.latents[idx, steps + 1]
         t, a_t, a_prev = sch.timesteps[steps], sch.alpha_t[steps], sch.alpha_prev[steps]
         cond = trajs.prompt_embeds[idx] if trajs.prompt_embeds is not None else None
-        eps, _ = self.model.predict_eps(x_t, t, cond, self.uncond, cfg.sample.guidance_scale)
-        out = self.ddim_step(eps, x_t, a_t, a_prev, cfg.sample.eta, x_prev=x_prev, reduce=cfg.dag.reduce)
+        timer = self.timer
+        with timer.phase("unet"):
+            eps, _ = self.model.predict_eps(x_t, t, cond, self.uncond, cfg.sample.guidance_scale)
+        with timer.phase("step"):
+            out = self.ddim_step(eps, x_t, a_t, a_prev, cfg.sample.eta, x_prev=x_prev, reduce=cfg.dag.reduce)
         terms = TransitionTerms(
             log_pf=out.log_pf, log_pb=out.log_pb, log_pf_old=trajs.log_pf[idx, steps], eps=eps,
             eps_old=trajs.eps[idx, steps], advantages=advantages,
@@ -111,7 +161,9 @@ class Trainer:
             r_prev = self._xhat_rewards_now(x_prev, t_prev, sch.alpha_t[next_steps], cond, prompts)
         r_prev = torch.where(terminal, final_r, r_prev)
         # One flow forward on both states of every transition.
-        both = self.flow(torch.cat([x_t, x_prev]), torch.cat([t, t_prev]), None if cond is None else torch.cat([cond, cond]))
+        with timer.phase("flow"):
+            both = self.flow(torch.cat([x_t, x_prev]), torch.cat([t, t_prev]),
+                             None if cond is None else torch.cat([cond, cond]))
         f_t, f_prev = both.chunk(2)
         # Forward-looking flow: log F(x) = F_φ(x) + β r(x̂_0(x)); log F(x_0) := β r(x_0).
         terms.log_flow_t = f_t + beta * r_t
@@ -119,26 +171,34 @@ class Trainer:
         return terms
 
     def train_epoch(self, trajs: Trajectories, beta: float, progress: Optional[tqdm] = None) -> dict[str, float]:
+        with self.timer.stage("update"):
+            return self._train_epoch(trajs, beta, progress)
+
+    def _train_epoch(self, trajs: Trajectories, beta: float, progress: Optional[tqdm]) -> dict[str, float]:
         cfg, n, T = self.cfg, len(trajs), trajs.num_steps
         self.model.unet.train()
         advantages = DDPO.advantages(trajs.rewards) if isinstance(self.objective, DDPO) else None
         sums: dict[str, torch.Tensor] = {}
         count = 0
-        for _ in range(cfg.train.num_inner_epochs):
-            # Shuffle samples; each sample visits its transitions in its own random order (official schedule).
+        # The plan drawn at rollout time (it decided which x̂_0 states were scored), or a fresh one.
+        plan = self._plan if self._plan is not None and len(self._plan[0][0]) == n else self.draw_plan(n, T)
+        self._plan = None
+        timer = self.timer
+        for order, step_order in plan:
             # Drawn on the host for reproducibility, moved to the device once per pass.
-            order = torch.randperm(n, generator=self.shuffle).to(self.device)
-            step_order = torch.stack([torch.randperm(T, generator=self.shuffle) for _ in range(n)])
-            step_order = step_order[:, : self.num_train_steps].to(self.device)  # [N, T_train]
+            order, step_order = order.to(self.device), step_order.to(self.device)  # [N], [N, T_train]
             for start in range(0, n, cfg.train.batch_size):
                 idx = order[start : start + cfg.train.batch_size]
                 for j in range(self.num_train_steps):
                     steps = step_order[idx, j]
                     adv = advantages[idx] if advantages is not None else None
                     terms = self.transition_terms(trajs, idx, steps, beta, adv)
-                    loss, metrics = self.objective(terms)
-                    self.engine.backward(loss)
-                    self.engine.step()
+                    with timer.phase("step"):
+                        loss, metrics = self.objective(terms)
+                    with timer.phase("backward"):
+                        self.engine.backward(loss)
+                    with timer.phase("optimizer"):
+                        self.engine.step()
                     for k, v in metrics.items():
                         sums[k] = sums.get(k, 0) + v
                     count += 1

@@ -140,3 +140,60 @@ def test_triton_backend_matches_reference_in_training(tmp_path, algorithm, monke
         assert rows["triton"][key] == pytest.approx(rows["reference"][key], rel=1e-5, abs=1e-6), key
     expected = {"ddim_step_triton", "db_loss_triton"} | ({"rloo_advantages_triton"} if algorithm == "kl" else set())
     assert set(calls) == expected, "the triton backend must reach the Triton kernels"
+
+
+class _Counting:
+    def __init__(self, reward):
+        self.reward, self.images = reward, 0
+
+    def __call__(self, images, prompts):
+        self.images += images.shape[0]
+        return self.reward(images, prompts)
+
+
+def test_scoring_only_trained_states_gives_the_same_losses(tmp_path):
+    """dag.xhat_states=trained scores fewer x̂_0 states but trains the same transitions to the same losses."""
+    rows, scored, trajs = {}, {}, {}
+    for states in ("all", "trained"):
+        trainer = Trainer(tiny_cfg(tmp_path, f"dag.xhat_states={states}", "train.timestep_fraction=0.5",
+                                   "sample.num_steps=8", "reward.name=brightness", "train.epochs=2",
+                                   "checkpoint.save_final=false", "logging.grid_size=0", f"logging.run_name={states}"))
+        trainer.reward = _Counting(trainer.reward)
+        plan_steps = []
+        draw = trainer.draw_plan
+        trainer.draw_plan = lambda n, T, _d=draw: plan_steps.append(_d(n, T)) or plan_steps[-1]
+        rows[states] = trainer.fit()
+        scored[states] = trainer.reward.images
+        trajs[states] = (trainer.sample_epoch(), plan_steps[-1])
+    for a, b in zip(rows["all"], rows["trained"]):
+        for key in ("loss", "db_loss", "prox", "reward_mean"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    assert scored["trained"] < scored["all"]
+    t, plan = trajs["trained"]
+    mask = Trainer.trained_states(plan, t.num_steps)
+    assert torch.isnan(t.xhat_rewards[~mask]).all() and torch.isfinite(t.xhat_rewards[mask]).all()
+    assert not mask.all()
+
+
+def test_cheap_xhat_decoder_decodes_intermediate_states_only(tmp_path):
+    from diffusers import AutoencoderTiny
+
+    from fastdag.config import ConfigError
+
+    decoder_dir = tmp_path / "taesd"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        AutoencoderTiny(encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
+                        num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1)).save_pretrained(decoder_dir)
+    out = {}
+    for name, extra in (("vae", []), ("tiny", [f"dag.xhat_decoder={decoder_dir}"])):
+        trainer = Trainer(tiny_cfg(tmp_path, "reward.name=brightness", *extra))
+        assert (trainer.model.xhat_decoder is not None) == (name == "tiny")
+        trajs = trainer.sample_epoch()
+        out[name] = trajs
+        trainer.train_epoch(trajs, beta=10.0)
+    torch.testing.assert_close(out["tiny"].rewards, out["vae"].rewards)  # final samples: always the VAE
+    assert out["tiny"].images.shape == out["vae"].images.shape
+    assert not torch.allclose(out["tiny"].xhat_rewards, out["vae"].xhat_rewards)
+    with pytest.raises(ConfigError, match="dag.xhat_decoder"):
+        Trainer(tiny_cfg(tmp_path, f"dag.xhat_decoder={tmp_path / 'missing'}"))
