@@ -3,7 +3,6 @@ import logging
 import sys
 import types
 
-import pytest
 import torch
 
 from fastdag.config import load_config

@@ -66,6 +66,8 @@ class Recipe:
     warmup_steps: int = 100
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
+    snr_gamma: Optional[float] = None
+    """Min-SNR-γ loss weighting (Hang et al. 2023), min(SNR_t, γ) / SNR_t per sample; None: the plain loss."""
     caption_dropout: float = 0.1
     """Fraction of captions replaced by "" (the unconditional prompt of classifier-free guidance)."""
     ema_decay: float = 0.999
@@ -322,7 +324,11 @@ def train_denoiser(pipe, recipe: Recipe, seed: int, progress: bool = True) -> di
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         context = text_encoder(token_ids(captions))[0]  # [B, L, D]
-        loss = F.mse_loss(unet(zt, t, encoder_hidden_states=context).sample, noise)
+        error = (unet(zt, t, encoder_hidden_states=context).sample - noise).square().mean((1, 2, 3))  # [B]
+        if recipe.snr_gamma is not None:
+            snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+            error = error * snr.clamp(max=recipe.snr_gamma) / snr
+        loss = error.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
