@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 _LOGGED: set[str] = set()
 
 
-def _log_once(message: str) -> None:
+def log_once(message: str) -> None:
+    """A warning logged the first time it is raised in this process (fallbacks that would repeat every step)."""
     if message not in _LOGGED:
         _LOGGED.add(message)
         log.warning(message)
@@ -203,7 +204,7 @@ class DiffusionModel:
             return "sdpa"
         ok, why = xformers_works(self.device, self.dtype)
         if not ok:
-            _log_once(f"model.attention=xformers: xformers does not run here ({why}); using PyTorch SDPA")
+            log_once(f"model.attention=xformers: xformers does not run here ({why}); using PyTorch SDPA")
             return "sdpa"
         for module in [self.unet, *([self.pipeline.vae] if self.conditional else [])]:
             module.enable_xformers_memory_efficient_attention()

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from fastdag.models import DiffusionModel, StepSchedule
+from fastdag.models import DiffusionModel, StepSchedule, log_once
 from fastdag.profiling import NULL_TIMER, PhaseTimer
 from fastdag.rewards import CheckedReward
 from kernels.ddim_step import DDIMStepOutput
@@ -91,15 +91,6 @@ def score_latents(
     return torch.cat(rewards), (torch.cat(images) if keep_images else None)
 
 
-_LOGGED: set[str] = set()
-
-
-def _log_once(message: str) -> None:
-    if message not in _LOGGED:
-        _LOGGED.add(message)
-        log.warning(message)
-
-
 def cuda_graphs_usable(model: DiffusionModel, requested: bool) -> bool:
     """Whether rollout steps may be CUDA-graphed: asked for, a CUDA device, and CUDA available (graph objects
     cannot even be constructed without it). Asking for them elsewhere is logged once; the rollout runs eager."""
@@ -107,7 +98,7 @@ def cuda_graphs_usable(model: DiffusionModel, requested: bool) -> bool:
         return False
     if model.device.type == "cuda" and torch.cuda.is_available():
         return True
-    _log_once(f"sample.cuda_graphs: CUDA graphs need a CUDA device (model on {model.device}); running eager")
+    log_once(f"sample.cuda_graphs: CUDA graphs need a CUDA device (model on {model.device}); running eager")
     return False
 
 

@@ -94,17 +94,17 @@ def test_profile_command_rejects_a_bad_key(capsys):
 
 
 def test_cuda_graphs_on_cpu_log_once_and_run_eager(tmp_path, monkeypatch, caplog):
-    from fastdag import rollout
+    from fastdag import models, rollout
 
     def no_graphs(*a, **k):
         raise AssertionError("a CUDA graph was constructed on a CPU")
 
     monkeypatch.setattr(rollout, "GraphedStep", no_graphs)
-    monkeypatch.setattr(rollout, "_LOGGED", set())
+    monkeypatch.setattr(models, "_LOGGED", set())
     rewards = {}
     for graphs in (False, True):
         trainer = tiny_trainer(tmp_path, f"sample.cuda_graphs={str(graphs).lower()}", "sample.num_batches_per_epoch=2")
-        with caplog.at_level(logging.WARNING, logger="fastdag.rollout"):
+        with caplog.at_level(logging.WARNING, logger="fastdag.models"):
             rewards[graphs] = trainer.sample_epoch().rewards
     assert sum("CUDA graphs need a CUDA device" in r.message for r in caplog.records) == 1
     torch.testing.assert_close(rewards[True], rewards[False], rtol=0, atol=0)
