@@ -4,8 +4,9 @@
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-# Tests pin the thread count so timings and numerics do not depend on the machine's core count.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Tests pin one thread per process: `make test` runs two pytest workers on two cores, and oversubscribed OpenMP
+# threads spin-wait each other into multi-x slowdowns. Numerics then do not depend on the machine's core count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -14,6 +15,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
