@@ -44,6 +44,7 @@ from fastdag.toy.world import parse_caption, sample_batch, shapes_prompts, world
 
 METRICS_NAME = "recipe_metrics.json"
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets" / "shapes-tiny"
+LOSS_WEIGHTINGS = ("epsilon", "min_snr", "v")
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,12 @@ class Recipe:
     warmup_steps: int = 100
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
-    snr_gamma: Optional[float] = None
-    """Min-SNR-γ loss weighting (Hang et al. 2023), min(SNR_t, γ) / SNR_t per sample; None: the plain loss."""
+    loss_weighting: str = "epsilon"
+    """Per-sample weight w(t) of the ε-prediction loss, SNR_t = ᾱ_t / (1 − ᾱ_t): "epsilon" 1 (the DDPM loss),
+    "min_snr" min(SNR_t, snr_gamma) / SNR_t (Hang et al. 2023), "v" (1 + SNR_t) / SNR_t, which equals the
+    v-prediction loss (Salimans & Ho 2022) and stresses the high-noise steps where the layout is decided;
+    divided by its mean over t so that the loss keeps the DDPM loss's scale."""
+    snr_gamma: float = 5.0
     caption_dropout: float = 0.1
     """Fraction of captions replaced by "" (the unconditional prompt of classifier-free guidance)."""
     ema_decay: float = 0.999
@@ -95,6 +100,8 @@ class Recipe:
                 f"vae_steps, unet_steps, batch_size and vae_batch_size must be ≥ 1, got {self.vae_steps}, "
                 f"{self.unet_steps}, {self.batch_size}, {self.vae_batch_size}"
             )
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 1 <= self.unet_attention_levels <= len(self.unet_channels):
@@ -277,6 +284,20 @@ def latent_statistics(vae, seed: int, n_images: int, batch_size: int = 256) -> d
     return {"mean": z.mean().item(), "std": std, "scaling_factor": 1.0 / std}
 
 
+def loss_weights(alphas_cumprod: torch.Tensor, weighting: str, snr_gamma: float = 5.0) -> torch.Tensor:
+    """w(t) of `Recipe.loss_weighting` for every training timestep, mean 1. alphas_cumprod [T] -> [T]."""
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    if weighting == "epsilon":
+        w = torch.ones_like(snr)
+    elif weighting == "min_snr":
+        w = snr.clamp(max=snr_gamma) / snr
+    elif weighting == "v":
+        w = (1 + snr) / snr
+    else:
+        raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
+    return w / w.mean()
+
+
 @torch.no_grad()
 def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
     torch._foreach_lerp_(ema, params, 1.0 - decay)
@@ -295,6 +316,7 @@ def train_denoiser(pipe, recipe: Recipe, seed: int, progress: bool = True) -> di
     alphas_cumprod = pipe.scheduler.alphas_cumprod.float()  # [1000]
     n_train_steps = alphas_cumprod.shape[0]
     scale = vae.config.scaling_factor
+    weights = loss_weights(alphas_cumprod, recipe.loss_weighting, recipe.snr_gamma)  # [1000]
     params = [p for m in (unet, text_encoder) for p in m.parameters()]
     ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=recipe.weight_decay)
@@ -325,10 +347,7 @@ def train_denoiser(pipe, recipe: Recipe, seed: int, progress: bool = True) -> di
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         context = text_encoder(token_ids(captions))[0]  # [B, L, D]
         error = (unet(zt, t, encoder_hidden_states=context).sample - noise).square().mean((1, 2, 3))  # [B]
-        if recipe.snr_gamma is not None:
-            snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-            error = error * snr.clamp(max=recipe.snr_gamma) / snr
-        loss = error.mean()
+        loss = (weights[t] * error).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
