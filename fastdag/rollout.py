@@ -294,37 +294,6 @@ def score_rollout(
     )
 
 
-@torch.no_grad()
-def sample_trajectories(
-    model: DiffusionModel,
-    schedule: StepSchedule,
-    prompts: list[str],
-    reward: CheckedReward,
-    *,
-    guidance_scale: float,
-    eta: float,
-    reduce: str,
-    uncond: Optional[torch.Tensor],
-    step_fn: Callable,
-    generator: torch.Generator,
-    score_xhat: bool,
-    reward_batch_size: int,
-    xhat_mask: Optional[torch.Tensor] = None,
-    cuda_graphs: bool = False,
-    timer: PhaseTimer = NULL_TIMER,
-) -> Trajectories:
-    """Sample B = len(prompts) trajectories from x_T ~ N(0, I) with the current policy and score them inline.
-
-    ``step_fn`` has the signature of ``kernels.ddim_step_reference``; ``uncond`` is the [1, L, D] embedding of
-    the negative prompt. ``score_xhat`` decodes and scores x̂_0 of every state once (``xhat_rewards: rollout``),
-    or of the states in ``xhat_mask`` [B, T].
-    """
-    rollout = rollout_batch(model, schedule, prompts, guidance_scale=guidance_scale, eta=eta, reduce=reduce,
-                            uncond=uncond, step_fn=step_fn, generator=generator, keep_xhat=score_xhat,
-                            cuda_graphs=cuda_graphs, timer=timer)
-    return score_rollout(model, reward, rollout, reward_batch_size=reward_batch_size, xhat_mask=xhat_mask, timer=timer)
-
-
 class _Done:
     def __init__(self, value):
         self._value = value
