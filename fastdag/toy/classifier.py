@@ -12,6 +12,7 @@ Label smoothing keeps its log-probabilities bounded, which the reward needs (see
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -194,29 +195,54 @@ def scene_log_likelihood(out: ClassifierOutput, targets: SceneTargets) -> torch.
 def attribute_accuracy(out: ClassifierOutput, targets: SceneTargets) -> dict[str, torch.Tensor]:
     """Per-image fraction of each attribute type read right. Every value is float32 [B] in [0, 1].
 
-    position: slots whose occupancy (empty or not) is read right, over all N_SLOTS slots.
-    shape: shapes whose slot is read as their kind.
-    colour, size: shapes whose slot is read as occupied *and* with their colour (size); a shape drawn
-        elsewhere, or not at all, does not count as the right colour.
+    Each attribute is judged on its own: the prompt's shapes are matched to the shapes the classifier sees
+    (occupied slots) by the one-to-one assignment that agrees on the most attributes (ties go to the one with
+    more shapes in their own slot), and a prompt shape with no partner gets every attribute wrong. So a red
+    circle drawn at the wrong corner still has its colour and kind right, and only its position wrong.
+
+    shape, colour, size, position: fraction of the prompt's shapes whose partner has that attribute.
+    count: 1 if the image shows as many shapes as the prompt names.
     background: the background colour.
-    all: every term of `scene_log_likelihood` (kind per slot, colour and size per shape, background).
+    all: every attribute above together (4 per shape, plus count and background), the `shapes_accuracy`.
     """
     occupied = targets.kind != EMPTY  # [B, S]
+    seen = out.kind.argmax(-1) != EMPTY
+    # agree[b, t, s, a]: does the shape seen at slot s have attribute a of the prompt's shape at slot t?
+    agree = torch.stack(
+        [
+            out.kind.argmax(-1).unsqueeze(1) == targets.kind.unsqueeze(2),
+            out.colour.argmax(-1).unsqueeze(1) == targets.colour.unsqueeze(2),
+            out.size.argmax(-1).unsqueeze(1) == targets.size.unsqueeze(2),
+            torch.eye(N_SLOTS, dtype=torch.bool, device=seen.device).expand(seen.shape[0], -1, -1),
+        ],
+        dim=-1,
+    ).cpu()  # [B, S, S, 4]: kind, colour, size, position
+    right = torch.zeros(seen.shape[0], 4)
+    for b, (wanted, drawn) in enumerate(zip(occupied.cpu(), seen.cpu())):
+        wanted_slots = wanted.nonzero().flatten().tolist()
+        drawn_slots: list = drawn.nonzero().flatten().tolist()
+        best, best_score = torch.zeros(4), -1.0
+        # A prompt has at most 2 shapes and an image at most 5: enumerating the assignments is cheap.
+        for partners in itertools.permutations(drawn_slots + [None] * len(wanted_slots), len(wanted_slots)):
+            hits = sum(
+                (agree[b, t, s].float() for t, s in zip(wanted_slots, partners) if s is not None), torch.zeros(4)
+            )
+            score = hits.sum().item() + 1e-3 * hits[3].item()
+            if score > best_score:
+                best, best_score = hits, score
+        right[b] = best
+    right = right.to(seen.device)
     n_shapes = occupied.sum(1).float()
-    kind_pred = out.kind.argmax(-1)
-    seen = kind_pred != EMPTY
-    kind_right = kind_pred == targets.kind
-    colour_right = seen & (out.colour.argmax(-1) == targets.colour)  # False at empty slots (target IGNORE)
-    size_right = seen & (out.size.argmax(-1) == targets.size)
-    background_right = (out.background.argmax(-1) == targets.background).float()
+    count = (seen.sum(1) == occupied.sum(1)).float()
+    background = (out.background.argmax(-1) == targets.background).float()
     return {
-        "position": (seen == occupied).float().mean(1),
-        "shape": (kind_right & occupied).sum(1) / n_shapes,
-        "colour": colour_right.sum(1) / n_shapes,
-        "size": size_right.sum(1) / n_shapes,
-        "background": background_right,
-        "all": (kind_right.sum(1) + colour_right.sum(1) + size_right.sum(1) + background_right)
-        / (N_SLOTS + 2 * n_shapes + 1),
+        "shape": right[:, 0] / n_shapes,
+        "colour": right[:, 1] / n_shapes,
+        "size": right[:, 2] / n_shapes,
+        "position": right[:, 3] / n_shapes,
+        "count": count,
+        "background": background,
+        "all": (right.sum(1) + count + background) / (4 * n_shapes + 2),
     }
 
 

@@ -72,7 +72,7 @@ class ShapesAlignmentReward:
 
     @torch.no_grad()
     def attribute_accuracy(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Per-image fraction right of each attribute type: keys position, shape, colour, size, background
+        """Per-image fraction right of each attribute type: keys shape, colour, size, position, count, background
         and all (see `fastdag.toy.classifier.attribute_accuracy`); each float32 [B]."""
         return attribute_accuracy(*self._checked(images, prompts))
 
