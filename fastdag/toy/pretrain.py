@@ -53,9 +53,9 @@ class Recipe:
 
     vae_steps: int = 1500
     """AutoencoderKL optimisation steps."""
-    unet_steps: int = 4000
+    unet_steps: int = 3000
     """UNet + text-encoder optimisation steps."""
-    batch_size: int = 64
+    batch_size: int = 32
     """Images per UNet step (fresh world images every step, held-out scenes excluded)."""
     vae_batch_size: int = 32
     """Images per VAE step."""
@@ -75,10 +75,14 @@ class Recipe:
     snr_gamma: float = 5.0
     caption_dropout: float = 0.1
     """Fraction of captions replaced by "" (the unconditional prompt of classifier-free guidance)."""
-    ema_decay: float = 0.999
+    train_text_encoder: bool = True
+    """Train the text encoder with the UNet; False keeps its random initial weights."""
+    ema_decay: float = 0.995
     """EMA of the UNet and text-encoder weights; the decay warms up as min(decay, (1 + n) / (10 + n))."""
     scaling_images: int = 2048
     """Images whose latents give the scaling factor."""
+    latent_std: float = 1.0
+    """Std of the scaled latents: scaling_factor = latent_std / std(latents); SD's convention is 1."""
     vae_channels: tuple[int, ...] = (16, 32, 32)
     unet_channels: tuple[int, ...] = (32, 64)
     unet_attention_levels: int = 2
@@ -271,8 +275,8 @@ def train_vae(vae, recipe: Recipe, seed: int, progress: bool = True) -> dict:
 
 
 @torch.no_grad()
-def latent_statistics(vae, seed: int, n_images: int, batch_size: int = 256) -> dict[str, float]:
-    """Mean and std of posterior samples of `n_images` world images; scaling_factor = 1 / std."""
+def latent_statistics(vae, seed: int, n_images: int, target_std: float = 1.0, batch_size: int = 256) -> dict[str, float]:
+    """Mean and std of posterior samples of `n_images` world images; scaling_factor = target_std / std."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 2]))
     gen = torch.Generator().manual_seed(seed + 2)
     latents = []
@@ -281,7 +285,7 @@ def latent_statistics(vae, seed: int, n_images: int, batch_size: int = 256) -> d
         latents.append(vae.encode(x).latent_dist.sample(generator=gen))
     z = torch.cat(latents)  # [N, 4, 8, 8]
     std = z.std().item()
-    return {"mean": z.mean().item(), "std": std, "scaling_factor": 1.0 / std}
+    return {"mean": z.mean().item(), "std": std, "scaling_factor": target_std / std}
 
 
 def loss_weights(alphas_cumprod: torch.Tensor, weighting: str, snr_gamma: float = 5.0) -> torch.Tensor:
@@ -317,7 +321,9 @@ def train_denoiser(pipe, recipe: Recipe, seed: int, progress: bool = True) -> di
     n_train_steps = alphas_cumprod.shape[0]
     scale = vae.config.scaling_factor
     weights = loss_weights(alphas_cumprod, recipe.loss_weighting, recipe.snr_gamma)  # [1000]
-    params = [p for m in (unet, text_encoder) for p in m.parameters()]
+    trained = (unet, text_encoder) if recipe.train_text_encoder else (unet,)
+    text_encoder.requires_grad_(recipe.train_text_encoder)
+    params = [p for m in trained for p in m.parameters()]
     ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=recipe.weight_decay)
     schedule = _cosine_schedule(optimizer, recipe.warmup_steps, recipe.unet_steps)
@@ -503,7 +509,7 @@ def pretrain(
     vae_log = train_vae(pipe.vae, recipe, seed, progress)
     seconds["vae"] = time.perf_counter() - start
 
-    stats = latent_statistics(pipe.vae, seed, recipe.scaling_images)
+    stats = latent_statistics(pipe.vae, seed, recipe.scaling_images, recipe.latent_std)
     pipe.vae.register_to_config(scaling_factor=stats["scaling_factor"])
     mark = time.perf_counter()
     unet_log = train_denoiser(pipe, recipe, seed, progress)
