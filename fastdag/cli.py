@@ -51,11 +51,15 @@ def train_main(argv: Optional[list[str]] = None, prog: str = "fastdag train") ->
     args = _train_parser(prog).parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    from fastdag.distributed import World, shutdown
+
     try:
         cfg = load_config(args.config, args.overrides)
+        world = World.from_env()
     except ConfigError as e:
         return _fail(str(e))
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Every process runs the same checks, so rank 0 alone reports (N copies of one line help nobody).
+    logging.basicConfig(level=logging.INFO if world.is_main else logging.WARNING, format="%(message)s")
     from fastdag.rewards import RewardError
     from fastdag.trainer import Trainer
 
@@ -63,9 +67,12 @@ def train_main(argv: Optional[list[str]] = None, prog: str = "fastdag train") ->
         trainer = Trainer(cfg)
         rows = trainer.fit()
     except (ConfigError, RewardError) as e:
-        return _fail(str(e))
-    last = rows[-1]
-    print(f"done: {len(rows)} epochs, final reward mean {last['reward_mean']:.4g}; outputs in {trainer.run_dir}")
+        return _fail(str(e)) if world.is_main else EXIT_USAGE
+    finally:
+        shutdown()
+    if world.is_main:
+        last = rows[-1]
+        print(f"done: {len(rows)} epochs, final reward mean {last['reward_mean']:.4g}; outputs in {trainer.run_dir}")
     return 0
 
 

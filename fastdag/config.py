@@ -78,7 +78,9 @@ class SampleConfig:
     num_steps: int = _f(50, "DDIM steps T per trajectory (paper: 50).")
     eta: float = _f(1.0, "DDIM eta (paper: 1, the DDPM variance; 0 makes every step deterministic).")
     guidance_scale: float = _f(5.0, "Classifier-free guidance weight w (paper: 5); 1 disables CFG.")
-    batch_size: int = _f(8, "Trajectories per rollout batch.")
+    batch_size: int = _f(
+        8, "Trajectories per rollout batch, over all processes (each of N processes denoises batch_size / N)."
+    )
     num_batches_per_epoch: int = _f(4, "Rollout batches per epoch (trajectories per epoch = batch_size x this).")
     negative_prompt: str = _f("", "Prompt for the unconditional half of the CFG batch.")
     cuda_graphs: bool = _f(
@@ -97,7 +99,9 @@ class SampleConfig:
 @dataclass
 class TrainConfig:
     epochs: int = _f(100, "Epochs; each samples trajectories, then trains on them.")
-    batch_size: int = _f(8, "Trajectories per training minibatch.")
+    batch_size: int = _f(
+        8, "Trajectories per training minibatch, over all processes (each of N processes takes batch_size / N)."
+    )
     gradient_accumulation_steps: int = _f(
         4, "Minibatches accumulated per optimizer step (each also accumulates over its timesteps)."
     )
@@ -111,6 +115,11 @@ class TrainConfig:
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
     max_grad_norm: float = _f(1.0, "Gradient-norm clip (paper: 1.0); 0 disables.")
     seed: int = _f(0, "Seed of everything: model init, noise, prompts, shuffles.")
+    resume: Optional[str] = _f(
+        None,
+        "Resume from a checkpoint: latest (the newest complete checkpoint of logging.output_dir/logging.run_name; "
+        "a fresh start when there is none yet) or the path of a checkpoint directory.",
+    )
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -186,6 +195,11 @@ class DagConfig:
     ratio_clip: float = _f(1e-4, "DAG-KL/DDPO: PPO ratio clip epsilon (paper: 1e-4).")
     adv_clip: float = _f(5.0, "DAG-KL/DDPO: advantage clip.")
     prox_coef: float = _f(1.0, "Coefficient of the l2 proximal regulariser on the CFG noise prediction.")
+    rloo_scope: Literal["global", "rank"] = _f(
+        "global",
+        "DAG-KL: the leave-one-out baseline over the whole minibatch on all processes (global: the same as one "
+        "process) or over each process's share of it (rank: no collective, a noisier baseline).",
+    )
     flow: FlowConfig = field(default_factory=FlowConfig)
 
     def __post_init__(self) -> None:
@@ -252,7 +266,10 @@ class EngineConfig:
     backend: Literal["deepspeed", "torch"] = _f(
         "deepspeed", "Update engine: deepspeed (ZeRO via deepspeed.initialize) or torch (plain PyTorch AdamW)."
     )
-    zero_stage: int = _f(0, "DeepSpeed ZeRO stage (0, 1 or 2).")
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage: 0, 1 or 2 (3 is refused: see the README, multi-GPU).")
+    optimizer: Literal["adamw", "adamw8bit"] = _f(
+        "adamw", "adamw (torch) or adamw8bit (bitsandbytes 8-bit AdamW: the gpu extra, a CUDA device)."
+    )
 
     def __post_init__(self) -> None:
         _check(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
@@ -262,6 +279,11 @@ class EngineConfig:
 class CheckpointConfig:
     every_n_epochs: int = _f(0, "Save a checkpoint every N epochs (0: only at the end).")
     save_final: bool = _f(True, "Save a checkpoint after the last epoch.")
+    keep_last: int = _f(0, "Keep only the newest K complete checkpoints of the run (0: keep all).")
+
+    def __post_init__(self) -> None:
+        _check(self.every_n_epochs >= 0, "checkpoint.every_n_epochs", "must be >= 0")
+        _check(self.keep_last >= 0, "checkpoint.keep_last", f"must be >= 0, got {self.keep_last}")
 
 
 @dataclass

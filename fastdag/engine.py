@@ -1,19 +1,24 @@
 """Update engines: DeepSpeed (ZeRO; its JSON generated from the config tree) or plain PyTorch AdamW.
 
 Both take the trainable parameters in two groups (LoRA, flow) with their own learning rates and expose the
-same three calls: ``backward(loss)`` per micro-step, ``step()`` after each (it updates only at accumulation
-boundaries), and ``state_dict()``. ``accumulation`` counts micro-steps per optimizer step: minibatches times
+same calls: ``backward(loss)`` per micro-step, ``step()`` after each (it updates only at accumulation
+boundaries), and ``save(dir)`` / ``load(dir)`` of everything the update needs to continue exactly: the trainable
+weights and the optimizer state. ``accumulation`` counts micro-steps per optimizer step: minibatches times
 trained timesteps, as the official code accumulates over both.
+
+Data-parallel runs (N processes) use DeepSpeed: each process's micro-batch is its share of ``train.batch_size``
+and DeepSpeed averages the gradients over the processes, so an optimizer step sees the same global batch as a
+single process would.
 """
 from __future__ import annotations
 
-import os
-import socket
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from fastdag.config import Config
+from fastdag.config import Config, ConfigError
+from fastdag.distributed import Shard, World
 
 
 def param_groups(lora_params: list[torch.nn.Parameter], flow_params: list[torch.nn.Parameter], cfg: Config) -> list[dict]:
@@ -23,15 +28,42 @@ def param_groups(lora_params: list[torch.nn.Parameter], flow_params: list[torch.
     return groups
 
 
+def check_engine(cfg: Config, device: torch.device, world: World) -> None:
+    """Engine choices this machine and launch cannot run, as one-line ConfigErrors (before any model loads)."""
+    if cfg.engine.backend == "torch" and world.size > 1:
+        raise ConfigError(f"engine.backend: torch runs a single process, but {world.size} were launched; "
+                          "use engine.backend=deepspeed for data-parallel training")
+    if cfg.engine.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError("engine.optimizer: adamw8bit needs bitsandbytes, which is not installed "
+                              "(pip install -e '.[gpu]' on a CUDA machine)") from None
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise ConfigError(f"engine.optimizer: adamw8bit needs a CUDA device, the model runs on {device}; "
+                              "use adamw")
+
+
 def make_optimizer(groups: list[dict], cfg: Config) -> torch.optim.Optimizer:
     t = cfg.train
-    return torch.optim.AdamW(
-        groups, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon
-    )
+    kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+    if cfg.engine.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable weights (LoRA and flow) by name, on the CPU."""
+    return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
 class TorchEngine:
-    def __init__(self, groups: list[dict], cfg: Config, accumulation: int):
+    STATE = "torch_engine.pt"
+
+    def __init__(self, module: torch.nn.Module, groups: list[dict], cfg: Config, accumulation: int):
+        self.module = module
         self.optimizer = make_optimizer(groups, cfg)
         self.params = [p for g in groups for p in g["params"]]
         self.accumulation, self.max_grad_norm = accumulation, cfg.train.max_grad_norm
@@ -52,19 +84,30 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return True
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "micro_steps": self.micro_steps}
+    def save(self, directory: Path) -> None:
+        """Single process (checked): one file with the trainable weights, the optimizer and the step count."""
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save({"trainable": trainable_state(self.module), "optimizer": self.optimizer.state_dict(),
+                    "micro_steps": self.micro_steps, "grad_norm": self.grad_norm}, directory / self.STATE)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load(self, directory: Path) -> None:
+        state = torch.load(directory / self.STATE, map_location="cpu", weights_only=False)
+        params = dict(self.module.named_parameters())
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.micro_steps = state["micro_steps"]
+        self.micro_steps, self.grad_norm = state["micro_steps"], state["grad_norm"]
 
 
-def deepspeed_config(cfg: Config, accumulation: int, bf16: bool) -> dict[str, Any]:
-    """DeepSpeed JSON from the config tree, so batch sizes cannot disagree with it."""
+def deepspeed_config(cfg: Config, shard: Shard, world: World, bf16: bool) -> dict[str, Any]:
+    """DeepSpeed JSON from the config tree and the data-parallel split, so batch sizes cannot disagree with it:
+    per process a micro-batch of its share of ``train.batch_size``, accumulated over ``micro_steps_per_update``
+    backwards; DeepSpeed checks train_batch_size = micro-batch x accumulation x processes."""
     ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
-        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": shard.train_batch * shard.micro_steps_per_update * world.size,
+        "train_micro_batch_size_per_gpu": shard.train_batch,
+        "gradient_accumulation_steps": shard.micro_steps_per_update,
         "gradient_clipping": cfg.train.max_grad_norm,
         "zero_optimization": {"stage": cfg.engine.zero_stage},
         # the optimizer is ours (torch AdamW with two param groups): no CPU-Adam JIT build, ZeRO wraps it
@@ -77,28 +120,29 @@ def deepspeed_config(cfg: Config, accumulation: int, bf16: bool) -> dict[str, An
     return ds
 
 
-def _ensure_single_process_env() -> None:
-    """A plain ``python``/``fastdag train`` launch is a world of one: give torch.distributed what it needs."""
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-
-
 class DeepSpeedEngine:
-    def __init__(self, module: torch.nn.Module, groups: list[dict], cfg: Config, accumulation: int, device: torch.device):
+    """``save``/``load`` go through DeepSpeed's own ``save_checkpoint``/``load_checkpoint`` (collective: every
+    process writes its ZeRO partition of the optimizer state and fp32 weights; DeepSpeed checks the layout on
+    load) rather than a state dict of the client optimizer, whose ZeRO-partitioned form differs by stage. Frozen
+    base weights are left out: they come from ``model.pretrained``."""
+
+    TAG = "deepspeed"
+
+    def __init__(self, module: torch.nn.Module, groups: list[dict], cfg: Config, shard: Shard, world: World,
+                 device: torch.device):
         import deepspeed
 
-        _ensure_single_process_env()
+        from fastdag.distributed import ensure_env
+
+        ensure_env()
         if not torch.distributed.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-        self.ds_config = deepspeed_config(cfg, accumulation, bf16=False)
+        self.ds_config = deepspeed_config(cfg, shard, world, bf16=False)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=make_optimizer(groups, cfg), config=self.ds_config
         )
-        self.accumulation = accumulation
+        self.module = module
+        self.accumulation = shard.micro_steps_per_update
         self.grad_norm = torch.zeros(())
 
     @property
@@ -117,12 +161,22 @@ class DeepSpeedEngine:
                 self.grad_norm = torch.as_tensor(norm, dtype=torch.float32)
         return boundary
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "micro_steps": self.engine.micro_steps}
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory), tag=self.TAG, client_state={"grad_norm": self.grad_norm},
+                                    save_latest=False, exclude_frozen_parameters=True)
+
+    def load(self, directory: Path) -> None:
+        path, client = self.engine.load_checkpoint(str(directory), tag=self.TAG, load_module_strict=False,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise ConfigError(f"train.resume: no DeepSpeed state in {directory}")
+        # Checkpoints sit at optimizer-step boundaries; DeepSpeed restores global_steps but not micro_steps.
+        self.engine.micro_steps = self.engine.global_steps * self.accumulation
+        self.grad_norm = client["grad_norm"]
 
 
 class TrainableModules(torch.nn.Module):
-    """The modules DeepSpeed wraps: the UNet (frozen base + LoRA) and the flow network."""
+    """The modules the engines update: the UNet (frozen base + LoRA) and the flow network."""
 
     def __init__(self, unet: torch.nn.Module, flow: torch.nn.Module | None):
         super().__init__()
@@ -130,8 +184,9 @@ class TrainableModules(torch.nn.Module):
         self.flow = flow
 
 
-def build_engine(cfg: Config, unet, flow, lora_params, flow_params, accumulation: int, device: torch.device):
+def build_engine(cfg: Config, unet, flow, lora_params, flow_params, shard: Shard, world: World, device: torch.device):
     groups = param_groups(lora_params, flow_params, cfg)
+    module = TrainableModules(unet, flow)
     if cfg.engine.backend == "deepspeed":
-        return DeepSpeedEngine(TrainableModules(unet, flow), groups, cfg, accumulation, device)
-    return TorchEngine(groups, cfg, accumulation)
+        return DeepSpeedEngine(module, groups, cfg, shard, world, device)
+    return TorchEngine(module, groups, cfg, shard.micro_steps_per_update)

@@ -8,7 +8,7 @@ The residual, the DB loss and the RLOO advantages go through ``kernels`` (Triton
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -75,13 +75,24 @@ class DagKL:
     """DAG-KL (Eq. 14): the flow learns by DB with log p_θ detached; the policy by a clipped KL-gradient term.
 
     a_i = sg(−δ_i) with RLOO advantages; L = L_DB(φ) + c_KL · L_KL + λ · prox.
+
+    ``gather`` (data-parallel, ``dag.rloo_scope: global``) maps this process's returns [b] to (the whole
+    minibatch's returns [B] over all processes, the slice holding this process's); the leave-one-out baseline is
+    then taken over all B, as a single process would.
     """
 
     uses_flow = True
 
-    def __init__(self, kl_coef: float, ratio_clip: float, adv_clip: float, prox_coef: float, backend: str = "reference"):
+    def __init__(self, kl_coef: float, ratio_clip: float, adv_clip: float, prox_coef: float, backend: str = "reference",
+                 gather: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, slice]]] = None):
         self.kl_coef, self.ratio_clip, self.adv_clip, self.prox_coef = kl_coef, ratio_clip, adv_clip, prox_coef
-        self.backend = backend
+        self.backend, self.gather = backend, gather
+
+    def advantages(self, returns: torch.Tensor) -> torch.Tensor:
+        if self.gather is None:
+            return kernels.rloo_advantages(returns, self.adv_clip, backend=self.backend)
+        everyone, mine = self.gather(returns)
+        return kernels.rloo_advantages(everyone, self.adv_clip, backend=self.backend)[mine]
 
     def residuals(self, terms: TransitionTerms) -> torch.Tensor:
         """δ [B] with log p_F detached: the flow network's DB residual."""
@@ -91,7 +102,7 @@ class DagKL:
     def __call__(self, terms: TransitionTerms) -> tuple[torch.Tensor, Metrics]:
         delta, db = kernels.db_loss(terms.log_flow_t, terms.log_flow_prev, terms.log_pf.detach(), terms.log_pb,
                                     backend=self.backend)
-        adv = kernels.rloo_advantages(-delta.detach(), self.adv_clip, backend=self.backend)
+        adv = self.advantages(-delta.detach())
         kl, kl_metrics = ppo_clipped_loss(terms.log_pf, terms.log_pf_old, adv, self.ratio_clip)
         prox = proximal_penalty(terms)
         loss = db + self.kl_coef * kl + self.prox_coef * prox
@@ -110,9 +121,11 @@ class DDPO:
         self.ratio_clip, self.adv_clip = ratio_clip, adv_clip
 
     @staticmethod
-    def advantages(rewards: torch.Tensor) -> torch.Tensor:
-        """Epoch-level normalised rewards [N] -> advantages [N]."""
-        return (rewards - rewards.mean()) / (rewards.std() + 1e-8)
+    def advantages(rewards: torch.Tensor, population: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Epoch-level normalised rewards [N] -> advantages [N], normalised by the mean and std of ``population``
+        (data-parallel: the whole epoch's rewards over all processes; default: ``rewards`` itself)."""
+        population = rewards if population is None else population
+        return (rewards - population.mean()) / (population.std() + 1e-8)
 
     def __call__(self, terms: TransitionTerms) -> tuple[torch.Tensor, Metrics]:
         adv = terms.advantages.clamp(-self.adv_clip, self.adv_clip)
@@ -120,10 +133,13 @@ class DDPO:
         return loss, {"loss": loss.detach(), "ppo_loss": loss.detach(), **metrics}
 
 
-def build_objective(cfg: DagConfig, backend: str = "reference"):
-    """The objective of ``dag.algorithm``; ``backend`` is ``kernels.backend`` (auto | triton | reference)."""
+def build_objective(cfg: DagConfig, backend: str = "reference",
+                    gather: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, slice]]] = None):
+    """The objective of ``dag.algorithm``; ``backend`` is ``kernels.backend`` (auto | triton | reference);
+    ``gather`` is DAG-KL's cross-process gather of returns, used when ``dag.rloo_scope`` is global."""
     if cfg.algorithm == "db":
         return DagDB(cfg.prox_coef, backend)
     if cfg.algorithm == "kl":
-        return DagKL(cfg.kl_coefficient, cfg.ratio_clip, cfg.adv_clip, cfg.prox_coef, backend)
+        return DagKL(cfg.kl_coefficient, cfg.ratio_clip, cfg.adv_clip, cfg.prox_coef, backend,
+                     gather if cfg.rloo_scope == "global" else None)
     return DDPO(cfg.ratio_clip, cfg.adv_clip)

@@ -24,7 +24,7 @@ def make_run_dir(cfg: Config) -> Path:
 
 
 class MetricsLog:
-    """Appends one JSON object per epoch to ``metrics.jsonl``."""
+    """Appends one JSON object per epoch to ``metrics.jsonl`` (rank 0 only)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -32,6 +32,12 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+
+    def rewrite(self, rows: list[dict[str, Any]]) -> None:
+        """Replace the file with ``rows`` (a resumed run: the checkpoint's rows), atomically by a rename."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        tmp.replace(self.path)
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():

@@ -108,3 +108,9 @@ class PromptSampler:
 
     def sample(self, n: int) -> list[str]:
         return [self.prompts[i] for i in self.rng.integers(0, len(self.prompts), size=n)]
+
+    def state_dict(self) -> dict:
+        return {"bit_generator": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["bit_generator"]

@@ -159,6 +159,17 @@ def graphed_step(model: DiffusionModel, uncond: Optional[torch.Tensor], batch: i
     return model.cuda_graphs[key]
 
 
+def gaussian_rows(shape: tuple[int, ...], generator: torch.Generator, device: torch.device,
+                  share: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """N(0, I) noise [B, ...]. With ``share = (rank, world)`` it is rows ``rank::world`` of one draw for the whole
+    data-parallel batch [world * B, ...] (see ``fastdag.distributed``): a trajectory's noise then depends on its
+    global index, not on how many processes share the batch."""
+    if share is None:
+        return torch.randn(shape, generator=generator, device=device)
+    rank, world = share
+    return torch.randn((world * shape[0], *shape[1:]), generator=generator, device=device)[rank::world].contiguous()
+
+
 def denoise(
     model: DiffusionModel,
     schedule: StepSchedule,
@@ -173,6 +184,7 @@ def denoise(
     generator: torch.Generator,
     graph: Optional[GraphedStep] = None,
     timer: PhaseTimer = NULL_TIMER,
+    share: Optional[tuple[int, int]] = None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, DDIMStepOutput]]:
     """Run the T DDIM steps from x = x_T; yields (i, x_t, ε̂ CFG, ε_c conditional, step output) per step.
 
@@ -183,7 +195,7 @@ def denoise(
     for i in range(schedule.num_steps):
         t = schedule.timesteps[i].expand(b)
         a_t, a_prev = schedule.alpha_t[i].expand(b), schedule.alpha_prev[i].expand(b)
-        noise = torch.randn(x.shape, generator=generator, device=x.device)
+        noise = gaussian_rows(x.shape, generator, x.device, share)
         if graph is not None:
             with timer.phase("unet"):  # UNet and step math replay as one graph
                 eps, eps_cond, out = graph(x, t, a_t, a_prev, noise, cond)
@@ -226,11 +238,14 @@ def rollout_batch(
     keep_xhat: bool,
     cuda_graphs: bool = False,
     timer: PhaseTimer = NULL_TIMER,
+    share: Optional[tuple[int, int]] = None,
 ) -> Rollout:
-    """Denoise B = len(prompts) trajectories from x_T ~ N(0, I); no decoding or scoring (see :func:`score_rollout`)."""
+    """Denoise B = len(prompts) trajectories from x_T ~ N(0, I); no decoding or scoring (see :func:`score_rollout`).
+
+    ``share = (rank, world)``: this process's rows of a data-parallel batch (see :func:`gaussian_rows`)."""
     b, T, dev = len(prompts), schedule.num_steps, model.device
     cond = model.encode_prompts(prompts)
-    x = torch.randn((b, *model.latent_shape), generator=generator, device=dev)
+    x = gaussian_rows((b, *model.latent_shape), generator, dev, share)
     latents = torch.empty((b, T + 1, *model.latent_shape), device=dev)  # [B, T+1, C, H, W]
     eps_all = torch.empty((b, T, *model.latent_shape), device=dev)  # [B, T, C, H, W]
     xhat = torch.empty_like(eps_all) if keep_xhat else None  # [B, T, C, H, W]
@@ -242,7 +257,7 @@ def rollout_batch(
         graph = graphed_step(model, uncond, b, cond, guidance_scale=guidance_scale, eta=eta, reduce=reduce,
                              step_fn=step_fn)
     steps = denoise(model, schedule, x, cond, uncond, guidance_scale=guidance_scale, eta=eta, reduce=reduce,
-                    step_fn=step_fn, generator=generator, graph=graph, timer=timer)
+                    step_fn=step_fn, generator=generator, graph=graph, timer=timer, share=share)
     for i, x_t, eps, eps_cond, out in steps:
         with timer.phase("step"):
             if keep_xhat:

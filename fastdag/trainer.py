@@ -3,20 +3,27 @@ engine -> checkpoint, metrics, samples."""
 from __future__ import annotations
 
 import logging
+import random
 import time
 from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fastdag.checkpoint import save_checkpoint
-from fastdag.config import Config, config_to_dict
-from fastdag.engine import build_engine
+from fastdag import distributed
+from fastdag.checkpoint import (
+    ENGINE_DIR, TRAINER_STATE, checkpoint_name, latest_checkpoint, prune_checkpoints, rank_file, read_checkpoint,
+    save_checkpoint, save_flow, weights_digest,
+)
+from fastdag.config import Config, ConfigError, config_to_dict
+from fastdag.distributed import World
+from fastdag.engine import build_engine, check_engine
 from fastdag.evaluation import Evaluation, Evaluator, write_report
 from fastdag.flow import FlowNetwork
-from fastdag.models import build_model, ddim_step_schedule
+from fastdag.models import build_model, ddim_step_schedule, resolve_device
 from fastdag.objectives import DDPO, TransitionTerms, beta_at, build_objective
 from fastdag.outputs import MetricsLog, make_run_dir, save_sample_grid
 from fastdag.prompts import PromptSampler, load_prompts
@@ -32,10 +39,27 @@ def _fmt(scores: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
 
 
+# Config sections a resumed run must share with its checkpoint (the weights and optimizer state depend on them).
+RESUME_MUST_MATCH = (("model", "pretrained"), ("lora",), ("dag", "algorithm"), ("dag", "flow"))
+
+
 class Trainer:
+    """One process of a run. Data-parallel: every process builds the same model from the same seed; each samples
+    and trains on its share of every epoch (see ``fastdag.distributed``); rank 0 writes the outputs."""
+
     def __init__(self, cfg: Config, run_dir: Optional[Path] = None):
         self.cfg = cfg
-        # cheap checks of the user's input first, so a bad prompt file fails before a model loads
+        # cheap checks of the user's input first, so a bad prompt file or launch fails before a model loads
+        self.world = World.from_env()
+        self.num_train_steps = max(1, int(cfg.sample.num_steps * cfg.train.timestep_fraction))
+        self.shard = distributed.shard(cfg, self.world, self.num_train_steps)
+        device = resolve_device(cfg.model.device)
+        check_engine(cfg, device, self.world)
+        self._check_resume(run_dir)
+        if device.type == "cuda" and device.index is None:
+            torch.cuda.set_device(self.world.local_rank)  # one GPU per process on a node
+        # Prompts and noise are drawn for the whole data-parallel batch from generators seeded alike on every
+        # process; each process keeps its rows (``share``), so runs on 1 or N processes sample the same trajectories.
         self.prompts = PromptSampler(load_prompts(cfg.prompts), cfg.train.seed)
         self.reward = CheckedReward(cfg.reward.name, build_reward(cfg.reward.name, cfg.reward.kwargs), cfg.reward.batch_size)
         torch.manual_seed(cfg.train.seed)
@@ -47,38 +71,58 @@ class Trainer:
         self.timer = PhaseTimer(enabled=False, device=self.device)
         self.schedule = ddim_step_schedule(self.model.scheduler, cfg.sample.num_steps, self.device)
         self.ddim_step = partial(kernels.ddim_step, backend=cfg.kernels.backend)
-        self.objective = build_objective(cfg.dag, cfg.kernels.backend)
+        self.objective = build_objective(cfg.dag, cfg.kernels.backend, gather=distributed.gather_rows)
         self.flow: Optional[FlowNetwork] = None
         if self.objective.uses_flow:
             self.flow = FlowNetwork(self.model.latent_shape[0], cfg.dag.flow, self.model.cond_dim).to(self.device)
-        self.num_train_steps = max(1, int(cfg.sample.num_steps * cfg.train.timestep_fraction))
         self.engine = build_engine(
             cfg, self.model.unet, self.flow, lora_params,
-            list(self.flow.parameters()) if self.flow is not None else [],
-            cfg.train.gradient_accumulation_steps * self.num_train_steps, self.device,
+            list(self.flow.parameters()) if self.flow is not None else [], self.shard, self.world, self.device,
         )
         self.uncond = self.model.encode_prompts([cfg.sample.negative_prompt]) if self.model.conditional else None
-        self.evaluator = Evaluator(cfg, self.model, self.reward, self.ddim_step, self.uncond) if cfg.eval.prompts else None
+        self.evaluator = None
+        if cfg.eval.prompts and self.world.is_main:
+            self.evaluator = Evaluator(cfg, self.model, self.reward, self.ddim_step, self.uncond)
         self.evaluations: dict[str, Evaluation] = {}
         self.noise = torch.Generator(self.device).manual_seed(cfg.train.seed)
         self.shuffle = torch.Generator().manual_seed(cfg.train.seed + 1)
         self.run_dir = run_dir
-        self.epoch = 0
+        self.epoch = 0  # epochs completed; the 0-based index of the next one
+        # β anneals over this many epochs; a resumed run keeps its checkpoint's, so a longer train.epochs on
+        # resume extends training without moving the schedule.
+        self.beta_horizon = cfg.train.epochs
+        self.rows: list[dict[str, Any]] = []  # the metrics rows so far (checkpointed)
         self._plan: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
+
+    @property
+    def main(self) -> bool:
+        return self.world.is_main
 
     # ----- rollout -------------------------------------------------------------------------------------------
     def draw_plan(self, n: int, num_steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The update's visiting order for one epoch, one (order [n], steps [n, T_train]) per inner epoch (CPU).
+        """This process's visiting order for one epoch of its ``n`` trajectories, one (order [n], steps
+        [n, T_train]) per inner epoch (CPU, local indices); minibatch m is ``order[m*b : (m+1)*b]``.
 
         Official schedule: shuffle samples; each sample visits its transitions in its own random order and trains
         on the first ``T_train`` of them. Drawn at rollout time so the x̂_0 scoring can be limited to the trained
         states (``dag.xhat_states: trained``); the draws are those the update would make, in the same order.
+
+        The shuffle is drawn for the whole epoch, identically on every process, such that every process trains
+        only on its own trajectories and the global minibatches do not depend on the number of processes: global
+        trajectory j sits in column j % B of a minibatch of B (``train.batch_size``), and each column's trajectories
+        are shuffled over the minibatches. Column c belongs to process c % world (as trajectory j to j % world).
         """
+        world, rank, B = self.world.size, self.world.rank, self.cfg.train.batch_size
+        total = n * world
+        blocks = total // B
         plan = []
         for _ in range(self.cfg.train.num_inner_epochs):
-            order = torch.randperm(n, generator=self.shuffle)
-            step_order = torch.stack([torch.randperm(num_steps, generator=self.shuffle) for _ in range(n)])
-            plan.append((order, step_order[:, : self.num_train_steps]))
+            # minibatch m takes, in column c, trajectory blocks[m, c] * B + c
+            rows = torch.stack([torch.randperm(blocks, generator=self.shuffle) for _ in range(B)], dim=1)  # [M, B]
+            mine = (rows * B + torch.arange(B))[:, rank::world]  # [M, b] global indices, all ≡ rank (mod world)
+            order = ((mine - rank) // world).reshape(-1)  # local indices
+            step_order = torch.stack([torch.randperm(num_steps, generator=self.shuffle) for _ in range(total)])
+            plan.append((order, step_order[rank::world, : self.num_train_steps]))
         return plan
 
     @staticmethod
@@ -95,21 +139,23 @@ class Trainer:
     def sample_epoch(self) -> Trajectories:
         cfg, T = self.cfg, self.schedule.num_steps
         self.model.unet.eval()
-        n = cfg.trajectories_per_epoch
+        n = self.shard.trajectories
         self._plan = self.draw_plan(n, T)
         score_xhat = self.objective.uses_flow and cfg.dag.xhat_rewards == "rollout"
         mask = self.trained_states(self._plan, T) if score_xhat and cfg.dag.xhat_states == "trained" else None
         # Phase timing needs the work serialised; overlapping would hide the scoring inside the denoising.
         scorer = OverlappedScorer(self.device, cfg.dag.xhat_overlap and not self.timer.enabled)
-        b, parts = cfg.sample.batch_size, []
+        b, parts = self.shard.rollout_batch, []
+        rank, world = self.world.rank, self.world.size
         try:
             with self.timer.stage("rollout"):
                 for k in range(cfg.sample.num_batches_per_epoch):
+                    prompts = self.prompts.sample(cfg.sample.batch_size)[rank::world]
                     rollout = rollout_batch(
-                        self.model, self.schedule, self.prompts.sample(b), guidance_scale=cfg.sample.guidance_scale,
+                        self.model, self.schedule, prompts, guidance_scale=cfg.sample.guidance_scale,
                         eta=cfg.sample.eta, reduce=cfg.dag.reduce, uncond=self.uncond, step_fn=self.ddim_step,
                         generator=self.noise, keep_xhat=score_xhat, cuda_graphs=cfg.sample.cuda_graphs,
-                        timer=self.timer,
+                        timer=self.timer, share=(rank, world),
                     )
                     batch_mask = mask[k * b : (k + 1) * b] if mask is not None else None
                     job = partial(score_rollout, self.model, self.reward, rollout, reward_batch_size=cfg.reward.batch_size,
@@ -177,7 +223,9 @@ class Trainer:
     def _train_epoch(self, trajs: Trajectories, beta: float, progress: Optional[tqdm]) -> dict[str, float]:
         cfg, n, T = self.cfg, len(trajs), trajs.num_steps
         self.model.unet.train()
-        advantages = DDPO.advantages(trajs.rewards) if isinstance(self.objective, DDPO) else None
+        advantages = None
+        if isinstance(self.objective, DDPO):  # normalised over the whole epoch, on all processes
+            advantages = DDPO.advantages(trajs.rewards, distributed.gather_trajectory_values(trajs.rewards))
         sums: dict[str, torch.Tensor] = {}
         count = 0
         # The plan drawn at rollout time (it decided which x̂_0 states were scored), or a fresh one.
@@ -187,8 +235,9 @@ class Trainer:
         for order, step_order in plan:
             # Drawn on the host for reproducibility, moved to the device once per pass.
             order, step_order = order.to(self.device), step_order.to(self.device)  # [N], [N, T_train]
-            for start in range(0, n, cfg.train.batch_size):
-                idx = order[start : start + cfg.train.batch_size]
+            b = self.shard.train_batch
+            for start in range(0, n, b):
+                idx = order[start : start + b]
                 for j in range(self.num_train_steps):
                     steps = step_order[idx, j]
                     adv = advantages[idx] if advantages is not None else None
@@ -204,59 +253,165 @@ class Trainer:
                     count += 1
                     if progress is not None:
                         progress.update(1)
-        out = {k: (v / count).item() for k, v in sums.items()}
+        # means over this process's micro-steps, then over the processes (equal counts): the global means
+        keys = sorted(sums)
+        means = distributed.mean_over_ranks(torch.stack([sums[k] / count for k in keys]).float())
+        out = dict(zip(keys, means.tolist()))
         out["grad_norm"] = float(self.engine.grad_norm)
         return out
 
     # ----- loop ----------------------------------------------------------------------------------------------
     def fit(self) -> list[dict[str, Any]]:
         cfg = self.cfg
-        run_dir = self.run_dir or make_run_dir(cfg)
-        self.run_dir = run_dir
+        if self.run_dir is None:  # rank 0 names and creates it; every process writes its checkpoint parts there
+            self.run_dir = Path(distributed.broadcast_object(str(make_run_dir(cfg)) if self.main else None))
+        run_dir = self.run_dir
         metrics_log = MetricsLog(run_dir / "metrics.jsonl")
-        (run_dir / "samples").mkdir(exist_ok=True)
-        rows = []
-        if self.evaluator is not None and self.epoch == 0:
+        checkpoint = self._resume_from(run_dir)
+        if checkpoint is not None:
+            self.restore(checkpoint)
+        if self.main:
+            (run_dir / "samples").mkdir(exist_ok=True)
+            metrics_log.rewrite(self.rows)  # rows past the checkpoint (written before a crash) are dropped
+        if self.evaluator is not None and "before" not in self.evaluations:
             self.evaluations["before"] = self.evaluator()
             log.info("base model on %s: %s", cfg.eval.prompts, _fmt(self.evaluations["before"].scores))
-        updates_per_epoch = cfg.train.num_inner_epochs * (cfg.trajectories_per_epoch // cfg.train.batch_size) * self.num_train_steps
-        epochs = tqdm(range(self.epoch, cfg.train.epochs), desc="epochs", disable=not cfg.logging.progress, unit="epoch")
+        updates_per_epoch = cfg.train.num_inner_epochs * (self.shard.trajectories // self.shard.train_batch) * self.num_train_steps
+        epochs = tqdm(range(self.epoch, cfg.train.epochs), desc="epochs", unit="epoch",
+                      disable=not (cfg.logging.progress and self.main))
         for epoch in epochs:
-            self.epoch = epoch
-            beta = beta_at(epoch, cfg.dag, cfg.train.epochs)
+            beta = beta_at(epoch, cfg.dag, self.beta_horizon)
             t0 = time.perf_counter()
             epochs.set_postfix_str("rollout")
             trajs = self.sample_epoch()
             t1 = time.perf_counter()
             epochs.set_postfix_str("update")
             with tqdm(total=updates_per_epoch, desc=f"epoch {epoch + 1} update", leave=False, unit="step",
-                      disable=not cfg.logging.progress) as bar:
+                      disable=not (cfg.logging.progress and self.main)) as bar:
                 losses = self.train_epoch(trajs, beta, bar)
             t2 = time.perf_counter()
-            r = trajs.rewards
+            r = distributed.gather_trajectory_values(trajs.rewards)  # the epoch's rewards on all processes
             row = {
                 "epoch": epoch + 1, "reward_mean": r.mean().item(), "reward_std": r.std().item() if len(r) > 1 else 0.0,
                 "reward_min": r.min().item(), "reward_max": r.max().item(), "beta": beta, **losses,
                 "rollout_seconds": t1 - t0, "update_seconds": t2 - t1,
             }
-            if cfg.logging.grid_size:
-                k = min(cfg.logging.grid_size, len(trajs))
-                save_sample_grid(run_dir / "samples" / f"epoch-{epoch + 1:04d}.png", trajs.images[:k], trajs.prompts[:k], r[:k])
-            metrics_log.write(row)
-            rows.append(row)
+            self.rows.append(row)
+            self.epoch = epoch + 1
+            if self.main:
+                if cfg.logging.grid_size:  # this process's samples
+                    k = min(cfg.logging.grid_size, len(trajs))
+                    save_sample_grid(run_dir / "samples" / f"epoch-{epoch + 1:04d}.png", trajs.images[:k],
+                                     trajs.prompts[:k], trajs.rewards[:k])
+                metrics_log.write(row)
             epochs.set_postfix(reward=f"{row['reward_mean']:.4g}", loss=f"{row.get('loss', float('nan')):.4g}")
             last = epoch + 1 == cfg.train.epochs
             every = cfg.checkpoint.every_n_epochs
             if (last and cfg.checkpoint.save_final) or (every and (epoch + 1) % every == 0):
-                self.save(run_dir / "checkpoints" / f"epoch-{epoch + 1:04d}")
+                self.save(run_dir / "checkpoints" / checkpoint_name(epoch + 1))
         if self.evaluator is not None:
             self.evaluations["after"] = self.evaluator()
             log.info("after training on %s: %s", cfg.eval.prompts, _fmt(self.evaluations["after"].scores))
-        report = write_report(run_dir, metrics_log.read(), self.evaluations.get("before"), self.evaluations.get("after"),
-                              self.evaluator, f"fastdag: {cfg.dag.algorithm} on {cfg.model.pretrained} with {cfg.reward.name}")
-        log.info("report: %s", report)
-        return rows
+        if self.main:
+            report = write_report(run_dir, metrics_log.read(), self.evaluations.get("before"),
+                                  self.evaluations.get("after"), self.evaluator,
+                                  f"fastdag: {cfg.dag.algorithm} on {cfg.model.pretrained} with {cfg.reward.name}")
+            log.info("report: %s", report)
+        return self.rows
+
+    # ----- checkpoints ---------------------------------------------------------------------------------------
+    def _check_resume(self, run_dir: Optional[Path]) -> None:
+        """Resume settings that cannot work, before any model loads."""
+        resume = self.cfg.train.resume
+        if resume == "latest" and run_dir is None and not self.cfg.logging.run_name:
+            raise ConfigError("train.resume: latest needs logging.run_name, the run to resume "
+                              "(or give the path of a checkpoint directory)")
+        if resume not in (None, "latest") and not Path(resume).is_dir():
+            raise ConfigError(f"train.resume: {resume!r} is neither latest nor a checkpoint directory")
+
+    def _resume_from(self, run_dir: Path) -> Optional[Path]:
+        resume = self.cfg.train.resume
+        if resume is None:
+            return None
+        if resume != "latest":
+            return Path(resume)
+        found = latest_checkpoint(run_dir / "checkpoints")
+        if found is None:
+            log.info("train.resume: no complete checkpoint in %s yet; starting from the beginning", run_dir)
+        return found
+
+    def _rng_state(self) -> dict[str, Any]:
+        """Every random state this process draws from: a resume continues each stream where it stopped."""
+        return {
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": np.random.get_state(), "python": random.getstate(), "noise": self.noise.get_state(),
+            "shuffle": self.shuffle.get_state(), "prompts": self.prompts.state_dict(),
+        }
+
+    def _set_rng_state(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+        self.noise.set_state(state["noise"])
+        self.shuffle.set_state(state["shuffle"])
+        self.prompts.load_state_dict(state["prompts"])
 
     def save(self, directory: Path) -> Path:
-        state = {"epoch": self.epoch + 1, "config": config_to_dict(self.cfg), "engine": self.engine.state_dict()}
-        return save_checkpoint(directory, self.model, self.flow, state)
+        """A checkpoint of everything a resume needs, written collectively (every process calls this)."""
+        rank_state = {"rng": self._rng_state(), "weights_digest": weights_digest(self.engine.module)}
+        trainer_state = {
+            "epoch": self.epoch, "beta_horizon": self.beta_horizon, "metrics": self.rows,
+            "evaluations": {k: _pack_evaluation(v) for k, v in self.evaluations.items()},
+            "config": config_to_dict(self.cfg), "world_size": self.world.size,
+        }
+
+        def every_rank(tmp: Path) -> None:
+            self.engine.save(tmp / ENGINE_DIR)
+            torch.save(rank_state, tmp / rank_file(self.world.rank))
+
+        def main_rank(tmp: Path) -> None:
+            self.model.save_lora(tmp)
+            if self.flow is not None:
+                save_flow(tmp, self.flow)
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+
+        save_checkpoint(directory, self.world, every_rank=every_rank, main_rank=main_rank,
+                        meta={"epoch": self.epoch, "world_size": self.world.size})
+        if self.main:
+            prune_checkpoints(directory.parent, self.cfg.checkpoint.keep_last)
+        return directory
+
+    def restore(self, directory: Path) -> None:
+        """Continue from a checkpoint: weights, optimizer, RNG streams, epoch, β horizon, metrics so far."""
+        trainer_state, rank_state = read_checkpoint(directory, self.world)
+        saved, now = trainer_state["config"], config_to_dict(self.cfg)
+        for path in RESUME_MUST_MATCH:
+            a, b = _dig(saved, path), _dig(now, path)
+            if a != b:
+                raise ConfigError(f"train.resume: {directory} was trained with {'.'.join(path)}={a!r}, this config "
+                                  f"has {b!r}")
+        self.engine.load(directory / ENGINE_DIR)
+        if weights_digest(self.engine.module) != rank_state["weights_digest"]:
+            raise RuntimeError(f"resuming from {directory}: the restored weights differ from the saved ones")
+        self._set_rng_state(rank_state["rng"])
+        self.epoch, self.beta_horizon = trainer_state["epoch"], trainer_state["beta_horizon"]
+        self.rows = list(trainer_state["metrics"])
+        self.evaluations = {k: _unpack_evaluation(v) for k, v in trainer_state["evaluations"].items()}
+        log.info("resumed from %s after epoch %d of %d", directory, self.epoch, self.cfg.train.epochs)
+
+
+def _dig(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _pack_evaluation(e: Evaluation) -> dict[str, Any]:
+    # uint8 images: 4x smaller, and the report's grids are uint8 anyway (lossless for them)
+    return {"scores": e.scores, "prompts": e.prompts, "images": (e.images.clamp(0, 1) * 255).round().to(torch.uint8)}
+
+
+def _unpack_evaluation(d: dict[str, Any]) -> Evaluation:
+    return Evaluation(d["scores"], d["prompts"], d["images"].float() / 255)
