@@ -33,6 +33,12 @@ def check_engine(cfg: Config, device: torch.device, world: World) -> None:
     if cfg.engine.backend == "torch" and world.size > 1:
         raise ConfigError(f"engine.backend: torch runs a single process, but {world.size} were launched; "
                           "use engine.backend=deepspeed for data-parallel training")
+    if cfg.engine.zero_stage == 3:
+        # Measured with DeepSpeed 0.19 on the tiny model: the same first update as stage 2 gave a global grad norm
+        # of 0.06 instead of 0.96 and weights off by the whole update, on 1 and 2 processes alike. The trainable
+        # state (LoRA + flow) is small and stages 1-2 already shard it. See the README (multi-GPU).
+        raise ConfigError("engine.zero_stage: 3 does not train LoRA correctly here (its updates differ from "
+                          "stages 0-2 and plain AdamW); use 1 or 2")
     if cfg.engine.optimizer == "adamw8bit":
         try:
             import bitsandbytes  # noqa: F401

@@ -267,7 +267,8 @@ class Trainer:
             self.run_dir = Path(distributed.broadcast_object(str(make_run_dir(cfg)) if self.main else None))
         run_dir = self.run_dir
         metrics_log = MetricsLog(run_dir / "metrics.jsonl")
-        checkpoint = self._resume_from(run_dir)
+        # rank 0 picks the checkpoint, so every process resumes from the same one
+        checkpoint = distributed.broadcast_object(self._resume_from(run_dir) if self.main else None)
         if checkpoint is not None:
             self.restore(checkpoint)
         if self.main:

@@ -1,5 +1,6 @@
 """End-to-end training on the tiny presets: outputs, cache equivalence, LoRA export, model kinds, engines."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +25,18 @@ def tiny_cfg(tmp_path, *overrides):
     return load_config(None, [*TINY, f"logging.output_dir={tmp_path}", "logging.run_name=run", *overrides])
 
 
+def without_launcher_env() -> dict[str, str]:
+    """os.environ less the launcher variables that an in-process DeepSpeed run in this pytest worker set for itself
+    (a child inheriting its MASTER_PORT would try to listen on the same port)."""
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    return {k: v for k, v in os.environ.items() if k not in launcher}
+
+
 def test_cli_smoke_run_writes_every_output(tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "fastdag.cli", "train", "--config", str(REPO / "configs/tiny_random_compress.yaml"),
          "train.epochs=2", "sample.num_steps=4", f"logging.output_dir={tmp_path}", "logging.run_name=smoke"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=without_launcher_env(),
     )
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "smoke"
