@@ -89,6 +89,30 @@ def fresh_env(**extra: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}, **extra}
 
 
+def test_a_longer_resumed_run_keeps_the_beta_schedule(tmp_path, reference):
+    rows = Trainer(cfg(tmp_path, "longer", "train.epochs=6", "checkpoint.every_n_epochs=0",
+                       f"train.resume={reference / 'checkpoints/epoch-0002'}")).fit()
+    assert [r["beta"] for r in rows] == [0.0, 5.0, 10.0, 10.0, 10.0, 10.0]  # annealed over the original 4 epochs
+    assert rows_of(tmp_path / "longer")[:4] == rows_of(reference)
+
+
+def test_resume_refuses_a_checkpoint_it_cannot_continue(tmp_path, reference):
+    import shutil
+
+    from fastdag.checkpoint import read_checkpoint
+    from fastdag.distributed import World
+
+    other = tmp_path / "epoch-0002"
+    shutil.copytree(reference / "checkpoints/epoch-0002", other)
+    meta = json.loads((other / "checkpoint.json").read_text())
+    (other / "checkpoint.json").write_text(json.dumps({**meta, "world_size": 2}))
+    with pytest.raises(ConfigError, match="written by 2 processes, this run has 1; resume with the same number"):
+        read_checkpoint(other, World())
+    with pytest.raises(ConfigError, match=r"^train.resume: .* was trained with lora=\{'rank': 4, .*this config has "
+                                          r"\{'rank': 8"):
+        Trainer(cfg(tmp_path, "run", "lora.rank=8", f"train.resume={reference / 'checkpoints/epoch-0002'}")).fit()
+
+
 def _train_cli(tmp_path, *overrides, env=None):
     return subprocess.Popen(
         [sys.executable, "-m", "fastdag.cli", "train", *RUN, f"logging.output_dir={tmp_path}", "logging.run_name=run",
