@@ -1,7 +1,8 @@
 """Update engines: DeepSpeed (ZeRO; its JSON generated from the config tree) or plain PyTorch AdamW.
 
 Both take the trainable parameters in two groups (LoRA, flow) with their own learning rates and expose the
-same calls: ``backward(loss)`` per micro-step, ``step()`` after each (it updates only at accumulation
+same calls: ``forward(fn)`` runs a micro-step's forward ``fn()`` (through DeepSpeed's engine, whose ZeRO
+optimizers count micro-steps there), ``backward(loss)``, ``step()`` after each (it updates only at accumulation
 boundaries), and ``save(dir)`` / ``load(dir)`` of everything the update needs to continue exactly: the trainable
 weights and the optimizer state. ``accumulation`` counts micro-steps per optimizer step: minibatches times
 trained timesteps, as the official code accumulates over both.
@@ -13,12 +14,14 @@ single process would.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
 from fastdag.config import Config, ConfigError
 from fastdag.distributed import Shard, World
+
+T = TypeVar("T")
 
 
 def param_groups(lora_params: list[torch.nn.Parameter], flow_params: list[torch.nn.Parameter], cfg: Config) -> list[dict]:
@@ -34,11 +37,12 @@ def check_engine(cfg: Config, device: torch.device, world: World) -> None:
         raise ConfigError(f"engine.backend: torch runs a single process, but {world.size} were launched; "
                           "use engine.backend=deepspeed for data-parallel training")
     if cfg.engine.zero_stage == 3:
-        # Measured with DeepSpeed 0.19 on the tiny model: the same first update as stage 2 gave a global grad norm
-        # of 0.06 instead of 0.96 and weights off by the whole update, on 1 and 2 processes alike. The trainable
-        # state (LoRA + flow) is small and stages 1-2 already shard it. See the README (multi-GPU).
-        raise ConfigError("engine.zero_stage: 3 does not train LoRA correctly here (its updates differ from "
-                          "stages 0-2 and plain AdamW); use 1 or 2")
+        # Found with DeepSpeed 0.19 (README, multi-GPU): ZeRO-3 trains like stage 2 once forwards run through the
+        # engine, but with parameters actually partitioned the LoRA/flow export and the weight digests read empty
+        # partitions (they would need GatheredParameters), and the rank-0-only evaluation would wait forever on
+        # the other ranks' all-gathers.
+        raise ConfigError("engine.zero_stage: 3 is not supported: it partitions the LoRA and flow weights, which "
+                          "the checkpoint export and the rank-0 evaluation read whole; use 1 or 2")
     if cfg.engine.optimizer == "adamw8bit":
         try:
             import bitsandbytes  # noqa: F401
@@ -75,6 +79,9 @@ class TorchEngine:
         self.accumulation, self.max_grad_norm = accumulation, cfg.train.max_grad_norm
         self.micro_steps = 0
         self.grad_norm = torch.zeros(())
+
+    def forward(self, fn: Callable[[], T]) -> T:
+        return fn()
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accumulation).backward()
@@ -155,6 +162,11 @@ class DeepSpeedEngine:
     def micro_steps(self) -> int:
         return self.engine.micro_steps
 
+    def forward(self, fn: Callable[[], T]) -> T:
+        # DeepSpeed's forward does per-micro-step bookkeeping (ZeRO-3 starts a new gradient accumulation there:
+        # called directly, the modules' gradients of earlier micro-steps were overwritten, not accumulated).
+        return self.engine(fn)
+
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
 
@@ -188,6 +200,10 @@ class TrainableModules(torch.nn.Module):
         super().__init__()
         self.unet = unet
         self.flow = flow
+
+    def forward(self, fn: Callable[[], T]) -> T:
+        """A micro-step's forward, composed by the trainer from calls into ``unet`` and ``flow``."""
+        return fn()
 
 
 def build_engine(cfg: Config, unet, flow, lora_params, flow_params, shard: Shard, world: World, device: torch.device):

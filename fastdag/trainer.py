@@ -216,6 +216,12 @@ class Trainer:
         terms.log_flow_prev = torch.where(terminal, beta * final_r, f_prev + beta * r_prev)
         return terms
 
+    def _micro_step_loss(self, trajs: Trajectories, idx: torch.Tensor, steps: torch.Tensor, beta: float,
+                         advantages: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        terms = self.transition_terms(trajs, idx, steps, beta, advantages)
+        with self.timer.phase("step"):
+            return self.objective(terms)
+
     def train_epoch(self, trajs: Trajectories, beta: float, progress: Optional[tqdm] = None) -> dict[str, float]:
         with self.timer.stage("update"):
             return self._train_epoch(trajs, beta, progress)
@@ -241,9 +247,7 @@ class Trainer:
                 for j in range(self.num_train_steps):
                     steps = step_order[idx, j]
                     adv = advantages[idx] if advantages is not None else None
-                    terms = self.transition_terms(trajs, idx, steps, beta, adv)
-                    with timer.phase("step"):
-                        loss, metrics = self.objective(terms)
+                    loss, metrics = self.engine.forward(partial(self._micro_step_loss, trajs, idx, steps, beta, adv))
                     with timer.phase("backward"):
                         self.engine.backward(loss)
                     with timer.phase("optimizer"):

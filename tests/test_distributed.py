@@ -82,7 +82,7 @@ def test_engine_choices_this_launch_cannot_run_are_config_errors(monkeypatch):
     cpu = torch.device("cpu")
     with pytest.raises(ConfigError, match="engine.backend: torch runs a single process, but 2 were launched"):
         check_engine(load_config(None, ["engine.backend=torch"]), cpu, World(0, 2))
-    with pytest.raises(ConfigError, match="engine.zero_stage: 3 does not train LoRA correctly"):
+    with pytest.raises(ConfigError, match="engine.zero_stage: 3 is not supported"):
         check_engine(load_config(None, ["engine.zero_stage=3"]), cpu, World())
     adam8 = load_config(None, ["engine.optimizer=adamw8bit"])
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what a machine without the gpu extra has
