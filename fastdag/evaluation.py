@@ -60,6 +60,11 @@ class Evaluator:
         return sample_grid(evaluation.images[idx], [evaluation.prompts[i] for i in idx])
 
 
+def trailing_mean(values: list[float], window: int) -> list[float]:
+    """values[i] averaged with up to window − 1 predecessors."""
+    return [sum(values[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+
+
 def write_report(run_dir: Path, rows: list[dict], before: Optional[Evaluation], after: Optional[Evaluation],
                  evaluator: Optional[Evaluator], title: str) -> Path:
     """``report.md`` beside a reward-curve PNG and before/after grids: the run at a glance."""
@@ -74,6 +79,10 @@ def write_report(run_dir: Path, rows: list[dict], before: Optional[Evaluation], 
     std = [r["reward_std"] for r in rows]
     ax.plot(epochs, mean, marker="o", label="reward mean")
     ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2, label="± std")
+    # Each epoch's mean is over a few dozen samples of different prompts: a trailing average shows the trend.
+    window = max(1, len(mean) // 8)
+    if window > 1:
+        ax.plot(epochs, trailing_mean(mean, window), color="black", label=f"mean of the last {window} epochs")
     ax.set_xlabel("epoch")
     ax.set_ylabel("reward of the epoch's samples")
     ax.grid(alpha=0.3)

@@ -102,3 +102,11 @@ def test_bad_prompt_sources(tmp_path):
 def test_prompt_sampler_is_seeded():
     a, b = PromptSampler(["x", "y", "z"], seed=1), PromptSampler(["x", "y", "z"], seed=1)
     assert a.sample(10) == b.sample(10)
+
+
+def test_trailing_mean_of_the_reward_curve() -> None:
+    from fastdag.evaluation import trailing_mean
+
+    assert trailing_mean([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
+    assert trailing_mean([1.0, 3.0], 5) == [1.0, 2.0]
+    assert trailing_mean([2.0, 4.0], 1) == [2.0, 4.0]
