@@ -227,7 +227,7 @@ class Trainer:
             return self._train_epoch(trajs, beta, progress)
 
     def _train_epoch(self, trajs: Trajectories, beta: float, progress: Optional[tqdm]) -> dict[str, float]:
-        cfg, n, T = self.cfg, len(trajs), trajs.num_steps
+        n, T = len(trajs), trajs.num_steps
         self.model.unet.train()
         advantages = None
         if isinstance(self.objective, DDPO):  # normalised over the whole epoch, on all processes
@@ -281,7 +281,8 @@ class Trainer:
         if self.evaluator is not None and "before" not in self.evaluations:
             self.evaluations["before"] = self.evaluator()
             log.info("base model on %s: %s", cfg.eval.prompts, _fmt(self.evaluations["before"].scores))
-        updates_per_epoch = cfg.train.num_inner_epochs * (self.shard.trajectories // self.shard.train_batch) * self.num_train_steps
+        minibatches = self.shard.trajectories // self.shard.train_batch
+        updates_per_epoch = cfg.train.num_inner_epochs * minibatches * self.num_train_steps
         epochs = tqdm(range(self.epoch, cfg.train.epochs), desc="epochs", unit="epoch",
                       disable=not (cfg.logging.progress and self.main))
         for epoch in epochs:
@@ -347,10 +348,10 @@ class Trainer:
 
     def _rng_state(self) -> dict[str, Any]:
         """Every random state this process draws from: a resume continues each stream where it stopped."""
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         return {
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": np.random.get_state(), "python": random.getstate(), "noise": self.noise.get_state(),
-            "shuffle": self.shuffle.get_state(), "prompts": self.prompts.state_dict(),
+            "torch": torch.get_rng_state(), "cuda": cuda, "numpy": np.random.get_state(), "python": random.getstate(),
+            "noise": self.noise.get_state(), "shuffle": self.shuffle.get_state(), "prompts": self.prompts.state_dict(),
         }
 
     def _set_rng_state(self, state: dict[str, Any]) -> None:
