@@ -136,16 +136,35 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("launcher, overrides", [
-    ("torchrun", ["dag.algorithm=db", "engine.zero_stage=2"]),
-    ("deepspeed", ["dag.algorithm=kl", "dag.rloo_scope=global", "engine.zero_stage=1"]),
-])
-def test_two_processes_match_one(tmp_path, launcher, overrides):
-    two = tmp_path / "two"
-    _launch(launcher, two, overrides)
+TORCHRUN_DB = ["dag.algorithm=db", "engine.zero_stage=2"]
+DEEPSPEED_KL = ["dag.algorithm=kl", "dag.rloo_scope=global", "engine.zero_stage=1"]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """A 2-epoch run on 2 processes, checkpointed after each epoch; launched once per (launcher, overrides)."""
+    runs = {}
+
+    def get(launcher: str, overrides: list[str]) -> Path:
+        key = (launcher, tuple(overrides))
+        if key not in runs:
+            runs[key] = tmp_path_factory.mktemp(launcher) / "two"
+            _launch(launcher, runs[key], [*overrides, "checkpoint.every_n_epochs=1"])
+        return runs[key]
+
+    return get
+
+
+def _digests(checkpoint: Path) -> list[str]:
+    return [torch.load(checkpoint / f"rank-0000{r}.pt", weights_only=False)["weights_digest"] for r in (0, 1)]
+
+
+@pytest.mark.parametrize("launcher, overrides", [("torchrun", TORCHRUN_DB), ("deepspeed", DEEPSPEED_KL)])
+def test_two_processes_match_one(tmp_path, two_process_run, launcher, overrides):
+    two = two_process_run(launcher, overrides)
     ckpt = two / "checkpoints/epoch-0002"
     # both ranks end with the same LoRA and flow weights: each recorded a digest of its own in the checkpoint
-    digests = [torch.load(ckpt / f"rank-0000{r}.pt", weights_only=False)["weights_digest"] for r in (0, 1)]
+    digests = _digests(ckpt)
     assert digests[0] == digests[1]
     assert json.loads((ckpt / "checkpoint.json").read_text())["world_size"] == 2
 
@@ -162,3 +181,17 @@ def test_two_processes_match_one(tmp_path, launcher, overrides):
         for key in r1:
             if not key.endswith("_seconds"):
                 assert r2[key] == pytest.approx(r1[key], rel=METRIC_RTOL, abs=1e-7), key
+
+
+def test_two_process_resume_is_exact(tmp_path, two_process_run):
+    """Epoch 2 resumed on 2 processes from the epoch-1 checkpoint (each rank restores its ZeRO-2 partition and
+    RNG states) ends bit-identical to the uninterrupted 2-process run, with the same metrics rows."""
+    ref = two_process_run("torchrun", TORCHRUN_DB)
+    resumed = tmp_path / "resumed"
+    _launch("torchrun", resumed, [*TORCHRUN_DB, "checkpoint.every_n_epochs=1",
+                                  f"train.resume={ref / 'checkpoints/epoch-0001'}"])
+    without_wall_clock = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in rows]  # noqa: E731
+    assert without_wall_clock(_rows(resumed)) == without_wall_clock(_rows(ref))
+    a, b = _weights(resumed / "checkpoints/epoch-0002"), _weights(ref / "checkpoints/epoch-0002")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _digests(resumed / "checkpoints/epoch-0002") == _digests(ref / "checkpoints/epoch-0002")
