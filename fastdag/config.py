@@ -106,6 +106,13 @@ class TrainConfig:
         4, "Minibatches accumulated per optimizer step (each also accumulates over its timesteps)."
     )
     num_inner_epochs: int = _f(1, "Passes over each epoch's samples.")
+    timesteps_per_micro_step: int = _f(
+        1,
+        "Trained timesteps of a minibatch evaluated in one forward/backward (train.batch_size x this many "
+        "transitions); must divide the trained timesteps. The same gradient and optimizer steps as one at a time "
+        "(1, the official code); larger is faster where small batches leave the device idle (CPUs, small "
+        "models) and needs that many times the activation memory.",
+    )
     timestep_fraction: float = _f(1.0, "Fraction of each trajectory's transitions trained on (0, 1].")
     learning_rate: float = _f(3e-4, "AdamW learning rate of the LoRA parameters (paper: 3e-4).")
     flow_learning_rate: float = _f(3e-4, "AdamW learning rate of the flow network (paper: 3e-4).")
@@ -126,6 +133,7 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "must be >= 1")
         _check(self.num_inner_epochs >= 1, "train.num_inner_epochs", "must be >= 1")
+        _check(self.timesteps_per_micro_step >= 1, "train.timesteps_per_micro_step", "must be >= 1")
         _check(
             0 < self.timestep_fraction <= 1,
             "train.timestep_fraction",

@@ -61,7 +61,7 @@ class Shard:
     micro_steps_per_update: int  # backwards per optimizer step: accumulated minibatches x trained timesteps
 
 
-def shard(cfg: Config, world: World, num_train_steps: int) -> Shard:
+def shard(cfg: Config, world: World, micro_steps_per_minibatch: int) -> Shard:
     """Per-rank quantities derived from the global config; a ConfigError when the globals do not split evenly."""
     w = world.size
     for key, value in (("sample.batch_size", cfg.sample.batch_size), ("train.batch_size", cfg.train.batch_size)):
@@ -76,7 +76,7 @@ def shard(cfg: Config, world: World, num_train_steps: int) -> Shard:
         rollout_batch=cfg.sample.batch_size // w,
         train_batch=per_rank,
         trajectories=cfg.trajectories_per_epoch // w,
-        micro_steps_per_update=cfg.train.gradient_accumulation_steps * num_train_steps,
+        micro_steps_per_update=cfg.train.gradient_accumulation_steps * micro_steps_per_minibatch,
     )
 
 

@@ -30,6 +30,7 @@ class TransitionTerms:
     log_flow_t: Optional[torch.Tensor] = None  # log F(x_t) = F_φ(x_t) + β r̂(x_t) (carries φ)
     log_flow_prev: Optional[torch.Tensor] = None  # log F(x_{t-1}); β r(x_0) at the last step
     advantages: Optional[torch.Tensor] = None  # DDPO: per-trajectory advantages
+    groups: int = 1  # the B transitions are `groups` equal blocks, one per timestep (DAG-KL's RLOO runs per block)
 
 
 def beta_at(epoch: int, cfg: DagConfig, epochs: int) -> float:
@@ -102,7 +103,8 @@ class DagKL:
     def __call__(self, terms: TransitionTerms) -> tuple[torch.Tensor, Metrics]:
         delta, db = kernels.db_loss(terms.log_flow_t, terms.log_flow_prev, terms.log_pf.detach(), terms.log_pb,
                                     backend=self.backend)
-        adv = self.advantages(-delta.detach())
+        # One leave-one-out baseline per timestep block: the same advantages as one timestep per micro-step.
+        adv = torch.cat([self.advantages(block) for block in (-delta.detach()).chunk(terms.groups)])
         kl, kl_metrics = ppo_clipped_loss(terms.log_pf, terms.log_pf_old, adv, self.ratio_clip)
         prox = proximal_penalty(terms)
         loss = db + self.kl_coef * kl + self.prox_coef * prox

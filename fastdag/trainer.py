@@ -52,7 +52,12 @@ class Trainer:
         # cheap checks of the user's input first, so a bad prompt file or launch fails before a model loads
         self.world = World.from_env()
         self.num_train_steps = max(1, int(cfg.sample.num_steps * cfg.train.timestep_fraction))
-        self.shard = distributed.shard(cfg, self.world, self.num_train_steps)
+        k = cfg.train.timesteps_per_micro_step
+        if self.num_train_steps % k:
+            raise ConfigError(f"train.timesteps_per_micro_step: {k} does not divide the {self.num_train_steps} trained "
+                              f"timesteps (sample.num_steps x train.timestep_fraction)")
+        self.micro_steps_per_minibatch = self.num_train_steps // k
+        self.shard = distributed.shard(cfg, self.world, self.micro_steps_per_minibatch)
         device = resolve_device(cfg.model.device)
         check_engine(cfg, device, self.world)
         self._check_resume(run_dir)
@@ -217,8 +222,9 @@ class Trainer:
         return terms
 
     def _micro_step_loss(self, trajs: Trajectories, idx: torch.Tensor, steps: torch.Tensor, beta: float,
-                         advantages: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                         advantages: Optional[torch.Tensor], groups: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         terms = self.transition_terms(trajs, idx, steps, beta, advantages)
+        terms.groups = groups
         with self.timer.phase("step"):
             return self.objective(terms)
 
@@ -238,16 +244,20 @@ class Trainer:
         plan = self._plan if self._plan is not None and len(self._plan[0][0]) == n else self.draw_plan(n, T)
         self._plan = None
         timer = self.timer
+        chunk = self.cfg.train.timesteps_per_micro_step
         for order, step_order in plan:
             # Drawn on the host for reproducibility, moved to the device once per pass.
             order, step_order = order.to(self.device), step_order.to(self.device)  # [N], [N, T_train]
             b = self.shard.train_batch
             for start in range(0, n, b):
                 idx = order[start : start + b]
-                for j in range(self.num_train_steps):
-                    steps = step_order[idx, j]
-                    adv = advantages[idx] if advantages is not None else None
-                    loss, metrics = self.engine.forward(partial(self._micro_step_loss, trajs, idx, steps, beta, adv))
+                for j in range(0, self.num_train_steps, chunk):
+                    # `chunk` timesteps of the minibatch in one forward, timestep-major: [chunk * b] transitions
+                    steps = step_order[idx, j : j + chunk].T.reshape(-1)
+                    rows = idx.repeat(chunk)
+                    adv = advantages[rows] if advantages is not None else None
+                    loss, metrics = self.engine.forward(
+                        partial(self._micro_step_loss, trajs, rows, steps, beta, adv, chunk))
                     with timer.phase("backward"):
                         self.engine.backward(loss)
                     with timer.phase("optimizer"):
@@ -282,7 +292,7 @@ class Trainer:
             self.evaluations["before"] = self.evaluator()
             log.info("base model on %s: %s", cfg.eval.prompts, _fmt(self.evaluations["before"].scores))
         minibatches = self.shard.trajectories // self.shard.train_batch
-        updates_per_epoch = cfg.train.num_inner_epochs * minibatches * self.num_train_steps
+        updates_per_epoch = cfg.train.num_inner_epochs * minibatches * self.micro_steps_per_minibatch
         epochs = tqdm(range(self.epoch, cfg.train.epochs), desc="epochs", unit="epoch",
                       disable=not (cfg.logging.progress and self.main))
         for epoch in epochs:
