@@ -4,7 +4,8 @@
     python -m benchmarks sd15                  # GPU: SD 1.5's architecture (random weights), batch 8, 50 steps
 
 For each mode (``fastdag``: the defaults; ``official``: the official code's cost — ``dag.xhat_rewards=recompute``,
-``kernels.backend=reference``, no CUDA graphs, no overlap; on CUDA also ``fastdag_graphs``: the defaults plus
+``kernels.backend=reference``, no CUDA graphs, no overlap, one timestep per backward
+(``train.timesteps_per_micro_step=1``); on CUDA also ``fastdag_graphs``: the defaults plus
 ``sample.cuda_graphs=true``) one trainer is built on the same seeds. After one warm-up epoch each, epochs of the
 modes are interleaved (A B A B ...) so drifting load hits them alike, with the device synchronised before every
 clock read. Then, per mode, one epoch under the :class:`~fastdag.profiling.PhaseTimer` (the phase breakdown) and
@@ -40,7 +41,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "doc": "tiny-random (0.8 M-parameter latent UNet, 4×8×8 latents), 10 steps, batch 8; CPU-sized",
         "overrides": [*_COMMON, "model.pretrained=tiny-random", "sample.num_steps=10", "sample.batch_size=8",
                       "sample.num_batches_per_epoch=1", "train.batch_size=4", "train.gradient_accumulation_steps=1",
-                      "dag.beta=10", "dag.flow.block_out_channels=[32,64]", "dag.flow.norm_num_groups=8"],
+                      "dag.beta=10", "dag.flow.block_out_channels=[32,64]", "dag.flow.norm_num_groups=8",
+                      # all 10 trained timesteps of a minibatch in one backward: a CPU idles on micro-batches of 4
+                      "train.timesteps_per_micro_step=10"],
         "graph_batches": [1, 2, 8],
     },
     "sd15": {
@@ -54,7 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 MODES: dict[str, list[str]] = {
     "fastdag": [],
     "official": ["dag.xhat_rewards=recompute", "kernels.backend=reference", "sample.cuda_graphs=false",
-                 "dag.xhat_overlap=false"],
+                 "dag.xhat_overlap=false", "train.timesteps_per_micro_step=1"],
 }
 GRAPH_MODE = ("fastdag_graphs", ["sample.cuda_graphs=true"])
 
