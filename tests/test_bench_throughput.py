@@ -10,8 +10,8 @@ from benchmarks import harness, report, throughput
 def test_suite_tiny_preset_writes_rows_chart_and_summary(tmp_path, capsys):
     results, chart, summary_md = tmp_path / "t.csv", tmp_path / "t.png", tmp_path / "t.md"
     out = throughput.main(["tiny", "--epochs", "1", "--repeat", "2", "--results", str(results), "--chart", str(chart),
-                           "--summary", str(summary_md), "sample.num_steps=3", "train.timesteps_per_micro_step=3", "sample.batch_size=4",
-                           "train.batch_size=4"])
+                           "--summary", str(summary_md), "sample.num_steps=3", "train.timesteps_per_micro_step=3",
+                           "sample.batch_size=4", "train.batch_size=4"])
     printed = capsys.readouterr().out
     assert "CUDA graphs need a GPU" in printed and "official / fastdag epoch time" in printed
     with open(results, newline="") as f:
