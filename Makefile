@@ -17,7 +17,7 @@ $(BIN)/fastdag: setup.py
 setup: $(BIN)/fastdag
 
 demo: setup
-	$(BIN)/fastdag train --config configs/tiny_random_compress.yaml
+	$(BIN)/fastdag train --config configs/shapes_align.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2 tests
