@@ -38,7 +38,7 @@ METRIC_RTOL = 1e-4
 # ----- per-rank shares and world-size invariance (no processes) -------------------------------------------------
 def test_shares_derive_from_global_sizes_and_refuse_uneven_splits():
     cfg = load_config(CONFIG, ["sample.num_batches_per_epoch=2", "train.gradient_accumulation_steps=2"])
-    s = shard(cfg, World(rank=1, size=2), num_train_steps=10)
+    s = shard(cfg, World(rank=1, size=2), micro_steps_per_minibatch=10)
     assert (s.rollout_batch, s.train_batch, s.trajectories, s.micro_steps_per_update) == (4, 2, 8, 20)
     with pytest.raises(ConfigError, match=r"^sample.batch_size: 8 trajectories .* do not split over 3 processes"):
         shard(cfg, World(rank=0, size=3), 10)

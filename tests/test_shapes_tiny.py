@@ -24,7 +24,8 @@ def test_shapes_tiny_loads_offline_and_trains_one_epoch(tmp_path, monkeypatch) -
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
     cfg = load_config(REPO / "configs/shapes_align.yaml", [
         "train.epochs=1", "sample.num_steps=4", "sample.batch_size=4", "sample.num_batches_per_epoch=1",
-        "train.batch_size=4", "train.timesteps_per_micro_step=2", "eval.samples_per_prompt=1", "eval.num_steps=2",
+        "train.batch_size=4", "train.gradient_accumulation_steps=1", "train.timesteps_per_micro_step=2",
+        "eval.samples_per_prompt=1", "eval.num_steps=2",
         "engine.backend=torch", "logging.progress=false", f"logging.output_dir={tmp_path}", "logging.run_name=shapes",
     ])
     trainer = Trainer(cfg)
