@@ -58,7 +58,7 @@ class Shard:
     rollout_batch: int  # trajectories per rollout batch
     train_batch: int  # trajectories per minibatch (the micro-batch of one backward)
     trajectories: int  # trajectories per epoch
-    micro_steps_per_update: int  # backwards per optimizer step: accumulated minibatches x trained timesteps
+    micro_steps_per_update: int  # backwards per optimizer step: accumulated minibatches x micro-steps per minibatch
 
 
 def shard(cfg: Config, world: World, micro_steps_per_minibatch: int) -> Shard:
