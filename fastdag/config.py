@@ -332,6 +332,13 @@ class Config:
             f"must divide the minibatches per epoch ({total} trajectories / train.batch_size {self.train.batch_size}"
             f" = {minibatches}), got {self.train.gradient_accumulation_steps}",
         )
+        k = self.train.timesteps_per_micro_step
+        _check(
+            self.trained_timesteps % k == 0,
+            "train.timesteps_per_micro_step",
+            f"{k} does not divide the {self.trained_timesteps} trained timesteps (sample.num_steps x "
+            f"train.timestep_fraction)",
+        )
         _check(
             self.dag.algorithm != "kl" or self.train.batch_size >= 3,
             "train.batch_size",
@@ -341,6 +348,11 @@ class Config:
     @property
     def trajectories_per_epoch(self) -> int:
         return self.sample.batch_size * self.sample.num_batches_per_epoch
+
+    @property
+    def trained_timesteps(self) -> int:
+        """Transitions of each trajectory an epoch trains on."""
+        return max(1, int(self.sample.num_steps * self.train.timestep_fraction))
 
 
 def _type_name(tp: Any) -> str:

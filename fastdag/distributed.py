@@ -100,19 +100,22 @@ def gather_trajectory_values(local: torch.Tensor) -> torch.Tensor:
     the order a single process would hold them in. Equal ``n`` on every rank (the epoch splits evenly)."""
     if not active():
         return local
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, local.contiguous())
-    return torch.stack(parts, dim=1).reshape(-1, *local.shape[1:])
+    return torch.stack(_all_gather(local), dim=1).reshape(-1, *local.shape[1:])
 
 
 def gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, slice]:
     """[b] from every rank -> ([world * b] concatenated by rank, the slice holding this rank's rows)."""
     if not active():
         return local, slice(0, local.shape[0])
+    b, r = local.shape[0], dist.get_rank()
+    return torch.cat(_all_gather(local)), slice(r * b, (r + 1) * b)
+
+
+def _all_gather(local: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``local`` (same shape on all), in rank order."""
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, local.contiguous())
-    b, r = local.shape[0], dist.get_rank()
-    return torch.cat(parts), slice(r * b, (r + 1) * b)
+    return parts
 
 
 def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:

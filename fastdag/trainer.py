@@ -51,12 +51,8 @@ class Trainer:
         self.cfg = cfg
         # cheap checks of the user's input first, so a bad prompt file or launch fails before a model loads
         self.world = World.from_env()
-        self.num_train_steps = max(1, int(cfg.sample.num_steps * cfg.train.timestep_fraction))
-        k = cfg.train.timesteps_per_micro_step
-        if self.num_train_steps % k:
-            raise ConfigError(f"train.timesteps_per_micro_step: {k} does not divide the {self.num_train_steps} trained "
-                              f"timesteps (sample.num_steps x train.timestep_fraction)")
-        self.micro_steps_per_minibatch = self.num_train_steps // k
+        self.num_train_steps = cfg.trained_timesteps
+        self.micro_steps_per_minibatch = self.num_train_steps // cfg.train.timesteps_per_micro_step
         self.shard = distributed.shard(cfg, self.world, self.micro_steps_per_minibatch)
         device = resolve_device(cfg.model.device)
         check_engine(cfg, device, self.world)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.throughput import CountingReward
 from fastdag.config import load_config
 from fastdag.trainer import Trainer
 
@@ -150,15 +151,6 @@ def test_triton_backend_matches_reference_in_training(tmp_path, algorithm, monke
     assert set(calls) == expected, "the triton backend must reach the Triton kernels"
 
 
-class _Counting:
-    def __init__(self, reward):
-        self.reward, self.images = reward, 0
-
-    def __call__(self, images, prompts):
-        self.images += images.shape[0]
-        return self.reward(images, prompts)
-
-
 def test_scoring_only_trained_states_gives_the_same_losses(tmp_path):
     """dag.xhat_states=trained scores fewer x̂_0 states but trains the same transitions to the same losses."""
     rows, scored, trajs = {}, {}, {}
@@ -166,7 +158,7 @@ def test_scoring_only_trained_states_gives_the_same_losses(tmp_path):
         trainer = Trainer(tiny_cfg(tmp_path, f"dag.xhat_states={states}", "train.timestep_fraction=0.5",
                                    "sample.num_steps=8", "reward.name=brightness", "train.epochs=2",
                                    "checkpoint.save_final=false", "logging.grid_size=0", f"logging.run_name={states}"))
-        trainer.reward = _Counting(trainer.reward)
+        trainer.reward = CountingReward(trainer.reward)
         plan_steps = []
         draw = trainer.draw_plan
         trainer.draw_plan = lambda n, T, _d=draw: plan_steps.append(_d(n, T)) or plan_steps[-1]
