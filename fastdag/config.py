@@ -203,6 +203,12 @@ class DagConfig:
     ratio_clip: float = _f(1e-4, "DAG-KL/DDPO: PPO ratio clip epsilon (paper: 1e-4).")
     adv_clip: float = _f(5.0, "DAG-KL/DDPO: advantage clip.")
     prox_coef: float = _f(1.0, "Coefficient of the l2 proximal regulariser on the CFG noise prediction.")
+    step_weighting: Literal["uniform", "score_scale"] = _f(
+        "uniform",
+        "Per-transition weight of the loss terms: uniform (the official code) or score_scale (divide step i's terms "
+        "by |∂μ/∂ε̂| / σ_t, normalised to mean 1 over the steps, so the second-to-last step, whose log-prob "
+        "gradient is ~7x the others', does not swamp the update). Positive weights keep DB's fixed point (δ = 0).",
+    )
     rloo_scope: Literal["global", "rank"] = _f(
         "global",
         "DAG-KL: the leave-one-out baseline over the whole minibatch on all processes (global: the same as one "

@@ -109,6 +109,15 @@ class StepSchedule:
     def num_steps(self) -> int:
         return self.timesteps.shape[0]
 
+    def score_scale(self, eta: float) -> torch.Tensor:
+        """[T] |∂μ_θ/∂ε̂| / σ_t: how strongly step i's log p_θ(x_{t-1} | x_t) reacts to the noise prediction
+        (∂ log p_θ / ∂ε̂ = z · this, z the step's standard-normal noise). About 0.6–0.9 on most of a 20-step
+        schedule but 5.4 at its second-to-last step, where σ_t collapses; NaN where σ_t = 0 (no density)."""
+        a, ap = self.alpha_t, self.alpha_prev
+        sigma = eta * ((1 - ap) / (1 - a)).sqrt() * (1 - a / ap).sqrt()
+        dmu_deps = (1 - ap - sigma**2).clamp_min(0).sqrt() - ap.sqrt() * (1 - a).sqrt() / a.sqrt()
+        return torch.where(sigma > 0, dmu_deps.abs() / sigma, torch.full_like(sigma, float("nan")))
+
 
 def ddim_step_schedule(scheduler, num_steps: int, device: torch.device) -> StepSchedule:
     scheduler.set_timesteps(num_steps)

@@ -31,6 +31,7 @@ class TransitionTerms:
     log_flow_prev: Optional[torch.Tensor] = None  # log F(x_{t-1}); β r(x_0) at the last step
     advantages: Optional[torch.Tensor] = None  # DDPO: per-trajectory advantages
     groups: int = 1  # the B transitions are `groups` equal blocks, one per timestep (DAG-KL's RLOO runs per block)
+    weights: Optional[torch.Tensor] = None  # [B] per-transition loss weights (dag.step_weighting); None: uniform
 
 
 def beta_at(epoch: int, cfg: DagConfig, epochs: int) -> float:
@@ -45,10 +46,17 @@ def proximal_penalty(terms: TransitionTerms) -> torch.Tensor:
     return ((terms.eps.float() - terms.eps_old.float()) ** 2).mean()
 
 
-def ppo_clipped_loss(log_p: torch.Tensor, log_p_old: torch.Tensor, adv: torch.Tensor, eps: float) -> tuple[torch.Tensor, Metrics]:
-    """mean(max(−A ρ, −A clip(ρ, 1−ε, 1+ε))) with ρ = exp(log p − log p_old)."""
+def weighted_db_loss(delta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """mean(w δ²): any positive weights leave DB's minimiser (δ = 0 on every transition) where it was."""
+    return (weights * delta.float() ** 2).mean()
+
+
+def ppo_clipped_loss(log_p: torch.Tensor, log_p_old: torch.Tensor, adv: torch.Tensor, eps: float,
+                     weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Metrics]:
+    """mean(w · max(−A ρ, −A clip(ρ, 1−ε, 1+ε))) with ρ = exp(log p − log p_old); w = 1 by default."""
     ratio = torch.exp(log_p - log_p_old)
-    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - eps, 1 + eps)).mean()
+    per_transition = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - eps, 1 + eps))
+    loss = (per_transition if weights is None else weights * per_transition).mean()
     clipfrac = ((ratio - 1).abs() > eps).float().mean()
     return loss, {"clipfrac": clipfrac.detach(), "ratio": ratio.detach().mean()}
 
@@ -66,7 +74,12 @@ class DagDB:
         return kernels.db_residual(terms.log_flow_t, terms.log_flow_prev, terms.log_pf, terms.log_pb, backend=self.backend)
 
     def __call__(self, terms: TransitionTerms) -> tuple[torch.Tensor, Metrics]:
-        delta, db = kernels.db_loss(terms.log_flow_t, terms.log_flow_prev, terms.log_pf, terms.log_pb, backend=self.backend)
+        if terms.weights is None:
+            delta, db = kernels.db_loss(terms.log_flow_t, terms.log_flow_prev, terms.log_pf, terms.log_pb,
+                                        backend=self.backend)
+        else:
+            delta = self.residuals(terms)
+            db = weighted_db_loss(delta, terms.weights)
         prox = proximal_penalty(terms)
         loss = db + self.prox_coef * prox
         return loss, {"loss": loss.detach(), "db_loss": db.detach(), "prox": prox.detach(), "residual_abs": delta.detach().abs().mean()}
@@ -101,11 +114,15 @@ class DagKL:
                                    backend=self.backend)
 
     def __call__(self, terms: TransitionTerms) -> tuple[torch.Tensor, Metrics]:
-        delta, db = kernels.db_loss(terms.log_flow_t, terms.log_flow_prev, terms.log_pf.detach(), terms.log_pb,
-                                    backend=self.backend)
+        if terms.weights is None:
+            delta, db = kernels.db_loss(terms.log_flow_t, terms.log_flow_prev, terms.log_pf.detach(), terms.log_pb,
+                                        backend=self.backend)
+        else:
+            delta = self.residuals(terms)
+            db = weighted_db_loss(delta, terms.weights)
         # One leave-one-out baseline per timestep block: the same advantages as one timestep per micro-step.
         adv = torch.cat([self.advantages(block) for block in (-delta.detach()).chunk(terms.groups)])
-        kl, kl_metrics = ppo_clipped_loss(terms.log_pf, terms.log_pf_old, adv, self.ratio_clip)
+        kl, kl_metrics = ppo_clipped_loss(terms.log_pf, terms.log_pf_old, adv, self.ratio_clip, terms.weights)
         prox = proximal_penalty(terms)
         loss = db + self.kl_coef * kl + self.prox_coef * prox
         return loss, {
@@ -131,7 +148,7 @@ class DDPO:
 
     def __call__(self, terms: TransitionTerms) -> tuple[torch.Tensor, Metrics]:
         adv = terms.advantages.clamp(-self.adv_clip, self.adv_clip)
-        loss, metrics = ppo_clipped_loss(terms.log_pf, terms.log_pf_old, adv, self.ratio_clip)
+        loss, metrics = ppo_clipped_loss(terms.log_pf, terms.log_pf_old, adv, self.ratio_clip, terms.weights)
         return loss, {"loss": loss.detach(), "ppo_loss": loss.detach(), **metrics}
 
 

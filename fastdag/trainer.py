@@ -23,7 +23,7 @@ from fastdag.distributed import World
 from fastdag.engine import build_engine, check_engine
 from fastdag.evaluation import Evaluation, Evaluator, write_report
 from fastdag.flow import FlowNetwork
-from fastdag.models import build_model, ddim_step_schedule, resolve_device
+from fastdag.models import StepSchedule, build_model, ddim_step_schedule, resolve_device
 from fastdag.objectives import DDPO, TransitionTerms, beta_at, build_objective
 from fastdag.outputs import MetricsLog, make_run_dir, save_sample_grid
 from fastdag.prompts import PromptSampler, load_prompts
@@ -71,6 +71,7 @@ class Trainer:
         # Per-phase timing for `fastdag profile` and the benchmarks; off (a no-op, no host syncs) in training.
         self.timer = PhaseTimer(enabled=False, device=self.device)
         self.schedule = ddim_step_schedule(self.model.scheduler, cfg.sample.num_steps, self.device)
+        self.step_weights = step_weights(self.schedule, cfg.sample.eta, cfg.dag.step_weighting)
         self.ddim_step = partial(kernels.ddim_step, backend=cfg.kernels.backend)
         self.objective = build_objective(cfg.dag, cfg.kernels.backend, gather=distributed.gather_rows)
         self.flow: Optional[FlowNetwork] = None
@@ -193,6 +194,7 @@ class Trainer:
         terms = TransitionTerms(
             log_pf=out.log_pf, log_pb=out.log_pb, log_pf_old=trajs.log_pf[idx, steps], eps=eps,
             eps_old=trajs.eps[idx, steps], advantages=advantages,
+            weights=None if self.step_weights is None else self.step_weights[steps],
         )
         if self.flow is None:
             return terms
@@ -412,6 +414,19 @@ class Trainer:
         self.rows = list(trainer_state["metrics"])
         self.evaluations = {k: _unpack_evaluation(v) for k, v in trainer_state["evaluations"].items()}
         log.info("resumed from %s after epoch %d of %d", directory, self.epoch, self.cfg.train.epochs)
+
+
+def step_weights(schedule: StepSchedule, eta: float, weighting: str) -> Optional[torch.Tensor]:
+    """[T] per-step loss weights of ``dag.step_weighting`` (None: uniform). score_scale: 1 / (the step's
+    log-prob score scale), mean 1 over the steps; deterministic steps (σ_t = 0) keep weight 1."""
+    if weighting == "uniform":
+        return None
+    inverse = 1 / schedule.score_scale(eta)
+    stochastic = torch.isfinite(inverse)
+    if not stochastic.any():
+        return None
+    inverse = torch.where(stochastic, inverse / inverse[stochastic].mean(), torch.ones_like(inverse))
+    return inverse
 
 
 def _dig(tree: dict[str, Any], path: tuple[str, ...]) -> Any:

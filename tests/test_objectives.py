@@ -67,3 +67,27 @@ def test_ddpo_is_ppo_on_advantages():
 def test_linear_beta_anneals_over_first_half(epoch, expected):
     assert beta_at(epoch, DagConfig(beta=100.0), epochs=10) == pytest.approx(expected)
     assert beta_at(epoch, DagConfig(beta=100.0, beta_schedule="constant"), epochs=10) == 100.0
+
+
+def test_weighted_objectives_are_the_weighted_means():
+    """terms.weights scales each transition's DB residual² and policy term; uniform weights change nothing."""
+    from fastdag.objectives import ppo_clipped_loss
+
+    terms = make_terms()
+    delta = (terms.log_flow_t + terms.log_pf - terms.log_pb - terms.log_flow_prev).detach()
+    plain, _ = DagDB(prox_coef=0.0)(terms)
+    terms.weights = torch.ones(6)
+    torch.testing.assert_close(DagDB(prox_coef=0.0)(terms)[0], plain)
+    w = torch.tensor([0.1, 2.0, 1.0, 0.5, 3.0, 0.4])
+    terms.weights = w
+    loss, metrics = DagDB(prox_coef=0.0)(terms)
+    torch.testing.assert_close(loss, (w * delta**2).mean())
+    assert metrics["residual_abs"] == pytest.approx(delta.abs().mean().item())  # the diagnostic stays unweighted
+    adv = torch.randn(6)
+    per = torch.maximum(-adv * torch.exp(terms.log_pf - terms.log_pf_old),
+                        -adv * torch.exp(terms.log_pf - terms.log_pf_old).clamp(1 - 0.2, 1 + 0.2))
+    torch.testing.assert_close(ppo_clipped_loss(terms.log_pf, terms.log_pf_old, adv, 0.2, w)[0], (w * per).mean())
+    terms.weights = w
+    kl_loss, _ = DagKL(kl_coef=1.0, ratio_clip=1e-4, adv_clip=5.0, prox_coef=0.0)(terms)
+    terms.weights = None
+    assert not torch.isclose(kl_loss, DagKL(kl_coef=1.0, ratio_clip=1e-4, adv_clip=5.0, prox_coef=0.0)(terms)[0])

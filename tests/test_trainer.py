@@ -94,6 +94,7 @@ def test_saved_lora_loads_with_diffusers(tmp_path):
     ["model.pretrained=tiny-random-ddpm", "prompts.source=empty", "sample.guidance_scale=1",
      "dag.flow.block_out_channels=[16,32]"],
     ["dag.reduce=sum", "train.timestep_fraction=0.5", "dag.xhat_rewards=recompute"],
+    ["dag.step_weighting=score_scale", "train.timesteps_per_micro_step=2"],
 ])
 def test_variants_train(tmp_path, overrides):
     rows = Trainer(tiny_cfg(tmp_path, *overrides)).fit()
