@@ -5,6 +5,7 @@
     python -m benchmarks report [--results R] [--chart C] [--summary S]
     python -m benchmarks kernels [...]                         # benchmarks.bench_kernels
     python -m benchmarks xhat-modes [...]                      # benchmarks.bench_xhat_modes
+    python -m benchmarks gradient-signal [...]                 # signal vs noise in one epoch's DB gradient
 """
 from __future__ import annotations
 
@@ -39,6 +40,10 @@ def main(argv=None) -> int:
         from benchmarks import bench_xhat_modes
 
         bench_xhat_modes.main(rest)
+    elif command == "gradient-signal":
+        from benchmarks import gradient_signal
+
+        gradient_signal.main(rest)
     else:
         print(f"unknown command {command!r}\n{__doc__}", file=sys.stderr)
         return 2

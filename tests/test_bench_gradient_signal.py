@@ -1,0 +1,35 @@
+"""benchmarks.gradient_signal: the split-group estimate of signal vs noise in the DB policy gradient."""
+import math
+
+import pytest
+
+from benchmarks import gradient_signal
+from benchmarks.gradient_signal import trajectories_per_unit_snr
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def test_trajectories_per_unit_snr():
+    # group sums of n trajectories with per-trajectory signal² / noise² = r have cosine n r / (n r + 1)
+    n, r = 16, 0.01
+    c = n * r / (n * r + 1)
+    assert trajectories_per_unit_snr(c, n) == pytest.approx(1 / r)
+    assert math.isinf(trajectories_per_unit_snr(0.0, n)) and math.isinf(trajectories_per_unit_snr(-0.1, n))
+
+
+def test_measures_a_tiny_run_and_writes_markdown(tmp_path):
+    out = tmp_path / "signal.md"
+    gradient_signal.main(["--config", "configs/tiny_random_compress.yaml", "--trajectories", "8", "--groups", "2",
+                          "--out", str(out), "sample.num_steps=4", "sample.batch_size=4"])
+    text = out.read_text()
+    assert "| uniform |" in text and "| score_scale |" in text and text.count("\n| 3 |") == 1
+    result = gradient_signal.measure("configs/tiny_random_compress.yaml", 8, 2, None,
+                                     ["sample.num_steps=4", "sample.batch_size=4"])
+    for row in result["weightings"].values():
+        assert -1 <= row["cosine"] <= 1 and sum(row["step_share"]) == pytest.approx(1.0)
+
+
+def test_refuses_other_objectives():
+    with pytest.raises(SystemExit, match="dag.algorithm: db"):
+        gradient_signal.measure("configs/tiny_random_compress.yaml", 8, 2, None,
+                                ["sample.num_steps=4", "sample.batch_size=4", "dag.algorithm=ddpo"])
