@@ -172,9 +172,16 @@ class DeepSpeedEngine:
 
     def step(self) -> bool:
         boundary = self.engine.is_gradient_accumulation_boundary()
+        own = None
+        if boundary and not self.engine.zero_optimization():
+            # ZeRO stage 0 with our optimizer: DeepSpeed clips but records no norm (get_global_grad_norm is None),
+            # so take the pre-clip norm of the full gradients here, as ZeRO 1/2 report it.
+            grads = [p.grad.detach().float() for p in self.module.parameters() if p.grad is not None]
+            own = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
         self.engine.step()
         if boundary:
             norm = self.engine.get_global_grad_norm()
+            norm = own if norm is None else norm
             if norm is not None:
                 self.grad_norm = torch.as_tensor(norm, dtype=torch.float32)
         return boundary

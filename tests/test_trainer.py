@@ -102,18 +102,21 @@ def test_variants_train(tmp_path, overrides):
     assert all(torch.isfinite(torch.tensor(v)) for k, v in rows[0].items() if k != "epoch")
 
 
-def test_deepspeed_engine_matches_torch_engine(tmp_path):
-    """One optimizer step through DeepSpeed (ZeRO 2, gloo, single process) equals plain AdamW."""
-    weights = {}
+@pytest.mark.parametrize("stage", [0, 2])
+def test_deepspeed_engine_matches_torch_engine(tmp_path, stage):
+    """One optimizer step through DeepSpeed (ZeRO 0 and 2, gloo, single process) equals plain AdamW, and both
+    log the same pre-clip gradient norm (at stage 0 DeepSpeed records none; the engine takes it itself)."""
+    weights, grad_norms = {}, {}
     for backend in ("torch", "deepspeed"):
-        trainer = Trainer(tiny_cfg(tmp_path, f"engine.backend={backend}", "engine.zero_stage=2",
+        trainer = Trainer(tiny_cfg(tmp_path, f"engine.backend={backend}", f"engine.zero_stage={stage}",
                                    f"logging.run_name={backend}"))
-        trainer.fit()
+        grad_norms[backend] = trainer.fit()[0]["grad_norm"]
         weights[backend] = torch.cat([p.detach().flatten() for p in trainer.flow.parameters()])
         lora = trainer.model.lora_state_dict()
         weights[backend + "_lora"] = torch.cat([lora[k].flatten() for k in sorted(lora)])
     torch.testing.assert_close(weights["deepspeed"], weights["torch"], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(weights["deepspeed_lora"], weights["torch_lora"], rtol=1e-4, atol=1e-6)
+    assert grad_norms["torch"] > 0 and grad_norms["deepspeed"] == pytest.approx(grad_norms["torch"], rel=1e-4)
 
 
 def test_dag_db_raises_jpeg_compressibility(tmp_path):
