@@ -123,7 +123,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         p.error("--groups must be at least 2")
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = measure(args.config, args.trajectories, args.groups, args.beta, args.overrides)
+    from fastdag.config import ConfigError
+
+    try:
+        result = measure(args.config, args.trajectories, args.groups, args.beta, args.overrides)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
     text = markdown(result)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
