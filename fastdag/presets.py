@@ -35,12 +35,13 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def word_level_clip_tokenizer(words: Iterable[str], model_max_length: int = 77):
+def word_level_clip_tokenizer(words: Iterable[str], model_max_length: int = 77, longest_first: bool = False):
     """A real ``CLIPTokenizer`` whose BPE merges spell each of ``words`` as one token.
 
     The vocabulary is CLIP's byte-level format: the 256 byte symbols, the same with ``</w>``, every prefix
     produced by the word merges, then ``<|startoftext|>`` and ``<|endoftext|>``. It saves as ordinary
-    ``vocab.json``/``merges.txt`` files.
+    ``vocab.json``/``merges.txt`` files. Merges rank in alphabetical word order, or with ``longest_first`` the
+    longer words' chains first (alphabetically, "a n" from "and" outranks "or a" and splits "orange").
     """
     from transformers import CLIPTokenizer
 
@@ -49,7 +50,8 @@ def word_level_clip_tokenizer(words: Iterable[str], model_max_length: int = 77):
     for s in byte_symbols + [s + "</w>" for s in byte_symbols]:
         vocab.setdefault(s, len(vocab))
     merges: dict[tuple[str, str], None] = {}  # ordered set
-    for word in sorted(set(w.lower() for w in words)):
+    order = (lambda w: (-len(w), w)) if longest_first else None
+    for word in sorted(set(w.lower() for w in words), key=order):
         table = bytes_to_unicode()
         chars = [table[b] for b in word.encode("utf-8")]
         chars[-1] += "</w>"
@@ -61,6 +63,52 @@ def word_level_clip_tokenizer(words: Iterable[str], model_max_length: int = 77):
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=model_max_length)
+
+
+def sd15_ddim_scheduler():
+    """SD 1.5's noise schedule (scaled-linear betas 0.00085–0.012 over 1000 steps, steps_offset 1,
+    set_alpha_to_one False) as a ``DDIMScheduler``."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )
+
+
+def sd_pipeline(vae, text_encoder, tokenizer, unet):
+    """A ``StableDiffusionPipeline`` of these components on SD 1.5's DDIM schedule, without a safety checker (so
+    ``save_pretrained`` and ``from_pretrained`` round-trip offline)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sd15_ddim_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def small_clip_text_encoder(tokenizer, hidden_size: int, layers: int, heads: int, max_length: int):
+    """A randomly initialised ``CLIPTextModel`` sized for ``tokenizer`` (draws from torch's global RNG)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer.get_vocab()), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=max_length,
+        projection_dim=hidden_size, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+
+
+def small_vae(block_out_channels: tuple[int, ...], image_size: int):
+    """A randomly initialised ``AutoencoderKL`` with 4 latent channels, downsampling by 2^(blocks − 1)."""
+    from diffusers import AutoencoderKL
+
+    n = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(block_out_channels), layers_per_block=1,
+        latent_channels=4, norm_num_groups=8, sample_size=image_size,
+    )
 
 
 def tiny_text_to_image_pipeline(
@@ -75,37 +123,13 @@ def tiny_text_to_image_pipeline(
 
     Image ``image_size``² RGB; the VAE has 3 blocks (downsampling by 4), so latents are 4 × image_size/4 squared.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import UNet2DConditionModel
 
     tokenizer = word_level_clip_tokenizer(words, model_max_length=max_length)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer.get_vocab()),
-                hidden_size=text_dim,
-                intermediate_size=2 * text_dim,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=max_length,
-                projection_dim=text_dim,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(16, 32, 32),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=image_size,
-        )
+        text_encoder = small_clip_text_encoder(tokenizer, text_dim, layers=2, heads=2, max_length=max_length)
+        vae = small_vae((16, 32, 32), image_size)
         unet = UNet2DConditionModel(
             sample_size=image_size // 4,
             in_channels=4,
@@ -118,24 +142,7 @@ def tiny_text_to_image_pipeline(
             attention_head_dim=8,
             norm_num_groups=8,
         )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return sd_pipeline(vae, text_encoder, tokenizer, unet)
 
 
 def tiny_ddpm_pipeline(seed: int = 0, image_size: int = 16):
@@ -210,7 +217,7 @@ def sd15_random_pipeline(seed: int = 0, width_divisor: int = 1, image_size: int 
     the text encoder sees SD's sequence length; its 49408-entry embedding is SD's. ``image_size`` 512 gives SD's
     4 × 64 × 64 latents. Built on the CPU in fp32 (~4.3 GB at full width); the model moves it to its device.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = sd15_configs(width_divisor)
@@ -225,14 +232,7 @@ def sd15_random_pipeline(seed: int = 0, width_divisor: int = 1, image_size: int 
         ))
         vae = AutoencoderKL(**cfg["vae"])
         unet = UNet2DConditionModel(**cfg["unet"])
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-    )
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    return sd_pipeline(vae, text_encoder, tokenizer, unet)
 
 
 PRESETS = {

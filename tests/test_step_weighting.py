@@ -1,17 +1,15 @@
 """dag.step_weighting: the per-step score scale is the log-prob's true sensitivity to ε̂, and the weights undo it."""
 import pytest
 import torch
-from diffusers import DDIMScheduler
 
 from fastdag.models import ddim_step_schedule
+from fastdag.presets import sd15_ddim_scheduler
 from fastdag.trainer import step_weights
 from kernels.ddim_step import ddim_step_reference
 
 
 def schedule(num_steps=20):
-    sch = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                        set_alpha_to_one=False, steps_offset=1)  # SD 1.5's
-    return ddim_step_schedule(sch, num_steps, torch.device("cpu"))
+    return ddim_step_schedule(sd15_ddim_scheduler(), num_steps, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("eta", [1.0, 0.5])

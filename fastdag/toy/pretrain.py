@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fastdag.presets import bytes_to_unicode
+from fastdag.presets import sd_pipeline, small_clip_text_encoder, small_vae, word_level_clip_tokenizer
 from fastdag.toy.reward import ShapesAlignmentReward
 from fastdag.toy.world import parse_caption, sample_batch, shapes_prompts, world_vocabulary
 
@@ -117,29 +117,12 @@ class Recipe:
 def world_tokenizer(max_length: int = 24):
     """A real ``CLIPTokenizer`` (byte-level BPE, CLIP's vocabulary format) that spells each world word as one token.
 
-    Like `fastdag.presets.word_level_clip_tokenizer`, but the merge chains of longer words rank first: in
+    `fastdag.presets.word_level_clip_tokenizer` with the merge chains of longer words first: in
     alphabetical order the merge "a n" (from "and") outranks "or a", so "orange" and "triangle" come apart into
     four or six pieces. Raises RuntimeError if some word still is not one token.
     """
-    from transformers import CLIPTokenizer
-
-    table = bytes_to_unicode()
-    vocab: dict[str, int] = {}
-    for s in list(table.values()) + [s + "</w>" for s in table.values()]:
-        vocab.setdefault(s, len(vocab))
-    merges: dict[tuple[str, str], None] = {}  # ordered set
     words = world_vocabulary()
-    for word in sorted(words, key=lambda w: (-len(w), w)):
-        chars = [table[b] for b in word.encode("utf-8")]
-        chars[-1] += "</w>"
-        merged = chars[0]
-        for c in chars[1:]:
-            merges.setdefault((merged, c))
-            merged += c
-            vocab.setdefault(merged, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=max_length)
+    tokenizer = word_level_clip_tokenizer(words, model_max_length=max_length, longest_first=True)
     split = [w for w in words if len(tokenizer.tokenize(w)) != 1]
     if split:
         raise RuntimeError(f"world words not spelled as one token: {split}")
@@ -151,39 +134,16 @@ def build_pipeline(recipe: Recipe = Recipe(), seed: int = 0):
 
     32 × 32 RGB images; the VAE has 3 blocks (downsampling by 4), so latents are 4 × 8 × 8.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import UNet2DConditionModel
 
     tokenizer = world_tokenizer(recipe.max_length)
     levels = len(recipe.unet_channels)
     attention = [i < recipe.unet_attention_levels for i in range(levels)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer.get_vocab()),
-                hidden_size=recipe.text_dim,
-                intermediate_size=2 * recipe.text_dim,
-                num_hidden_layers=recipe.text_layers,
-                num_attention_heads=max(1, recipe.text_dim // 16),
-                max_position_embeddings=recipe.max_length,
-                projection_dim=recipe.text_dim,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=recipe.vae_channels,
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=32,
-        )
+        text_encoder = small_clip_text_encoder(tokenizer, recipe.text_dim, layers=recipe.text_layers,
+                                               heads=max(1, recipe.text_dim // 16), max_length=recipe.max_length)
+        vae = small_vae(recipe.vae_channels, 32)
         unet = UNet2DConditionModel(
             sample_size=8,
             in_channels=4,
@@ -197,24 +157,7 @@ def build_pipeline(recipe: Recipe = Recipe(), seed: int = 0):
             attention_head_dim=tuple(max(1, c // recipe.attention_head_dim) for c in recipe.unet_channels),
             norm_num_groups=8,
         )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return sd_pipeline(vae, text_encoder, tokenizer, unet)
 
 
 def _cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
