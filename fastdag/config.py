@@ -207,7 +207,8 @@ class DagConfig:
         "uniform",
         "Per-transition weight of the loss terms: uniform (the official code) or score_scale (divide step i's terms "
         "by |∂μ/∂ε̂| / σ_t, normalised to mean 1 over the steps, so the second-to-last step, whose log-prob "
-        "gradient is ~7x the others', does not swamp the update). Positive weights keep DB's fixed point (δ = 0).",
+        "gradient is ~7x the others', does not swamp the update). Positive weights keep DB's fixed point (δ = 0). "
+        "Weighted losses run in PyTorch, not through the fused DB-loss kernel.",
     )
     rloo_scope: Literal["global", "rank"] = _f(
         "global",
