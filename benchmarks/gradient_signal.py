@@ -35,10 +35,10 @@ def trajectories_per_unit_snr(cosine: float, per_group: int) -> float:
 
 def measure(config: str, trajectories: int, groups: int, beta: Optional[float], overrides: Sequence[str]) -> dict:
     from fastdag.config import load_config
-    from fastdag.trainer import Trainer, step_weights
+    from fastdag.models import step_weights
+    from fastdag.trainer import Trainer
 
-    base = load_config(config)
-    per_batch = base.sample.batch_size
+    per_batch = load_config(config, list(overrides)).sample.batch_size  # the overrides may set it
     if trajectories % per_batch or trajectories % groups:
         raise SystemExit(f"--trajectories must be a multiple of sample.batch_size={per_batch} and of --groups={groups}")
     cfg = load_config(config, [

@@ -176,8 +176,8 @@ class DeepSpeedEngine:
         if boundary and not self.engine.zero_optimization():
             # ZeRO stage 0 with our optimizer: DeepSpeed clips but records no norm (get_global_grad_norm is None),
             # so take the pre-clip norm of the full gradients here, as ZeRO 1/2 report it.
-            grads = [p.grad.detach().float() for p in self.module.parameters() if p.grad is not None]
-            own = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            own = torch.nn.utils.get_total_norm(grads) if grads else None
         self.engine.step()
         if boundary:
             norm = self.engine.get_global_grad_norm()

@@ -119,6 +119,18 @@ class StepSchedule:
         return torch.where(sigma > 0, dmu_deps.abs() / sigma, torch.full_like(sigma, float("nan")))
 
 
+def step_weights(schedule: StepSchedule, eta: float, weighting: str) -> Optional[torch.Tensor]:
+    """[T] per-step loss weights of ``dag.step_weighting`` (None: uniform). score_scale: 1 / (the step's
+    log-prob score scale), mean 1 over the steps; deterministic steps (σ_t = 0) keep weight 1."""
+    if weighting == "uniform":
+        return None
+    inverse = 1 / schedule.score_scale(eta)
+    stochastic = torch.isfinite(inverse)
+    if not stochastic.any():
+        return None
+    return torch.where(stochastic, inverse / inverse[stochastic].mean(), torch.ones_like(inverse))
+
+
 def ddim_step_schedule(scheduler, num_steps: int, device: torch.device) -> StepSchedule:
     scheduler.set_timesteps(num_steps)
     timesteps = scheduler.timesteps.to(torch.long)

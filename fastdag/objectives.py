@@ -46,9 +46,13 @@ def proximal_penalty(terms: TransitionTerms) -> torch.Tensor:
     return ((terms.eps.float() - terms.eps_old.float()) ** 2).mean()
 
 
-def weighted_db_loss(delta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """mean(w δ²): any positive weights leave DB's minimiser (δ = 0 on every transition) where it was."""
-    return (weights * delta.float() ** 2).mean()
+def db_loss(terms: TransitionTerms, log_pf: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(δ [B], mean(w δ²)) with ``log_pf`` in δ (DAG-KL passes it detached). Unweighted through the fused kernel;
+    weighted (``terms.weights``) in PyTorch: any positive weights leave DB's minimiser (δ = 0 everywhere) in place."""
+    if terms.weights is None:
+        return kernels.db_loss(terms.log_flow_t, terms.log_flow_prev, log_pf, terms.log_pb, backend=backend)
+    delta = kernels.db_residual(terms.log_flow_t, terms.log_flow_prev, log_pf, terms.log_pb, backend=backend)
+    return delta, (terms.weights * delta.float() ** 2).mean()
 
 
 def ppo_clipped_loss(log_p: torch.Tensor, log_p_old: torch.Tensor, adv: torch.Tensor, eps: float,
@@ -74,12 +78,7 @@ class DagDB:
         return kernels.db_residual(terms.log_flow_t, terms.log_flow_prev, terms.log_pf, terms.log_pb, backend=self.backend)
 
     def __call__(self, terms: TransitionTerms) -> tuple[torch.Tensor, Metrics]:
-        if terms.weights is None:
-            delta, db = kernels.db_loss(terms.log_flow_t, terms.log_flow_prev, terms.log_pf, terms.log_pb,
-                                        backend=self.backend)
-        else:
-            delta = self.residuals(terms)
-            db = weighted_db_loss(delta, terms.weights)
+        delta, db = db_loss(terms, terms.log_pf, self.backend)
         prox = proximal_penalty(terms)
         loss = db + self.prox_coef * prox
         return loss, {"loss": loss.detach(), "db_loss": db.detach(), "prox": prox.detach(), "residual_abs": delta.detach().abs().mean()}
@@ -114,12 +113,7 @@ class DagKL:
                                    backend=self.backend)
 
     def __call__(self, terms: TransitionTerms) -> tuple[torch.Tensor, Metrics]:
-        if terms.weights is None:
-            delta, db = kernels.db_loss(terms.log_flow_t, terms.log_flow_prev, terms.log_pf.detach(), terms.log_pb,
-                                        backend=self.backend)
-        else:
-            delta = self.residuals(terms)
-            db = weighted_db_loss(delta, terms.weights)
+        delta, db = db_loss(terms, terms.log_pf.detach(), self.backend)
         # One leave-one-out baseline per timestep block: the same advantages as one timestep per micro-step.
         adv = torch.cat([self.advantages(block) for block in (-delta.detach()).chunk(terms.groups)])
         kl, kl_metrics = ppo_clipped_loss(terms.log_pf, terms.log_pf_old, adv, self.ratio_clip, terms.weights)

@@ -23,7 +23,7 @@ from fastdag.distributed import World
 from fastdag.engine import build_engine, check_engine
 from fastdag.evaluation import Evaluation, Evaluator, write_report
 from fastdag.flow import FlowNetwork
-from fastdag.models import StepSchedule, build_model, ddim_step_schedule, resolve_device
+from fastdag.models import build_model, ddim_step_schedule, resolve_device, step_weights
 from fastdag.objectives import DDPO, TransitionTerms, beta_at, build_objective
 from fastdag.outputs import MetricsLog, make_run_dir, save_sample_grid
 from fastdag.prompts import PromptSampler, load_prompts
@@ -414,19 +414,6 @@ class Trainer:
         self.rows = list(trainer_state["metrics"])
         self.evaluations = {k: _unpack_evaluation(v) for k, v in trainer_state["evaluations"].items()}
         log.info("resumed from %s after epoch %d of %d", directory, self.epoch, self.cfg.train.epochs)
-
-
-def step_weights(schedule: StepSchedule, eta: float, weighting: str) -> Optional[torch.Tensor]:
-    """[T] per-step loss weights of ``dag.step_weighting`` (None: uniform). score_scale: 1 / (the step's
-    log-prob score scale), mean 1 over the steps; deterministic steps (σ_t = 0) keep weight 1."""
-    if weighting == "uniform":
-        return None
-    inverse = 1 / schedule.score_scale(eta)
-    stochastic = torch.isfinite(inverse)
-    if not stochastic.any():
-        return None
-    inverse = torch.where(stochastic, inverse / inverse[stochastic].mean(), torch.ones_like(inverse))
-    return inverse
 
 
 def _dig(tree: dict[str, Any], path: tuple[str, ...]) -> Any:

@@ -25,6 +25,7 @@ def test_measures_a_tiny_run_and_writes_markdown(tmp_path):
     assert "| uniform |" in text and "| score_scale |" in text and text.count("\n| 3 |") == 1
     result = gradient_signal.measure("configs/tiny_random_compress.yaml", 8, 2, None,
                                      ["sample.num_steps=4", "sample.batch_size=4"])
+    assert result["trajectories"] == 8  # sample.batch_size=4 from the overrides: two rollout batches
     for row in result["weightings"].values():
         assert -1 <= row["cosine"] <= 1 and sum(row["step_share"]) == pytest.approx(1.0)
 

@@ -2,9 +2,8 @@
 import pytest
 import torch
 
-from fastdag.models import ddim_step_schedule
+from fastdag.models import ddim_step_schedule, step_weights
 from fastdag.presets import sd15_ddim_scheduler
-from fastdag.trainer import step_weights
 from kernels.ddim_step import ddim_step_reference
 
 
