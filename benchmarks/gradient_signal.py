@@ -53,7 +53,8 @@ def measure(config: str, trajectories: int, groups: int, beta: Optional[float], 
     t0 = time.perf_counter()
     trajs = trainer.sample_epoch()
     n, T = len(trajs), trajs.num_steps
-    weights = {"uniform": torch.ones(T), "score_scale": step_weights(trainer.schedule, cfg.sample.eta, "score_scale")}
+    weights = {"uniform": torch.ones(T), "score_scale": step_weights(trainer.schedule, cfg.sample.eta, "score_scale",
+                                                                  trainer.model.prediction_type)}
     # sums[g][s]: group g's summed policy gradient at step s (unweighted; weightings combine the steps afterwards)
     sums = [[None] * T for _ in range(groups)]
     for s in range(T):

@@ -121,6 +121,12 @@ class TrainConfig:
     adam_weight_decay: float = _f(1e-4, "AdamW weight decay.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
     max_grad_norm: float = _f(1.0, "Gradient-norm clip (paper: 1.0); 0 disables.")
+    grad_clip: Literal["separate", "joint"] = _f(
+        "separate",
+        "How max_grad_norm applies: separate (the official code: the LoRA's and the flow network's gradients are "
+        "each clipped to max_grad_norm) or joint (one norm over both, so a large flow gradient, e.g. at beta 100, "
+        "shrinks the LoRA step).",
+    )
     seed: int = _f(0, "Seed of everything: model init, noise, prompts, shuffles.")
     resume: Optional[str] = _f(
         None,
@@ -148,17 +154,25 @@ class TrainConfig:
 class FlowConfig:
     block_out_channels: list[int] = _f([64, 128, 256, 256], "Channels of the flow network's encoder blocks.")
     layers_per_block: int = _f(1, "ResNet layers per encoder block.")
-    attention_head_dim: int = _f(8, "Channels per cross-attention head.")
+    attention_heads: int = _f(8, "Cross-attention heads per block (official: 8).")
     norm_num_groups: int = _f(32, "GroupNorm groups (must divide every block's channels).")
+    architecture: Literal["official", "compact"] = _f(
+        "official",
+        "official (alignment/flow.py: cross-attention down blocks but a plain last one, every block downsampling, "
+        "global average pool (AvgPool2d(4) on SD's 4x4 last map), Linear(C, 1) with PyTorch's default init) or "
+        "compact (fastdag's first design: cross-attention in every block, no downsample after the last, "
+        "GroupNorm + SiLU before a zero-initialised linear head, so log F starts at the beta*r term alone).",
+    )
 
     def __post_init__(self) -> None:
         _check(len(self.block_out_channels) >= 1, "dag.flow.block_out_channels", "must list at least one block")
+        _check(self.attention_heads >= 1, "dag.flow.attention_heads", f"must be >= 1, got {self.attention_heads}")
         for c in self.block_out_channels:
             _check(
-                c % self.norm_num_groups == 0 and c % self.attention_head_dim == 0,
+                c % self.norm_num_groups == 0 and c % self.attention_heads == 0,
                 "dag.flow.block_out_channels",
                 f"{c} must be divisible by norm_num_groups={self.norm_num_groups} "
-                f"and attention_head_dim={self.attention_head_dim}",
+                f"and attention_heads={self.attention_heads}",
             )
 
 
@@ -211,9 +225,16 @@ class DagConfig:
         "Weighted losses run in PyTorch, not through the fused DB-loss kernel.",
     )
     rloo_scope: Literal["global", "rank"] = _f(
-        "global",
-        "DAG-KL: the leave-one-out baseline over the whole minibatch on all processes (global: the same as one "
-        "process) or over each process's share of it (rank: no collective, a noisier baseline).",
+        "rank",
+        "DAG-KL: the leave-one-out baseline over each process's share of the minibatch (rank: the official code, "
+        "one baseline per GPU, no collective) or over the whole minibatch on all processes (global: N processes "
+        "then train exactly as one would). The same on one process.",
+    )
+    rloo_normaliser: Literal["official", "loo_std"] = _f(
+        "official",
+        "DAG-KL: the scale of the leave-one-out advantage (a_i - b_i), b_i the mean of the others. official "
+        "(scripts/train_gfn.py): sqrt of the mean over j != i of (a_j - b_j)^2; loo_std: the unbiased std of the "
+        "others' a_j (fastdag's first choice; 6-10% larger advantages at B = 8, up to 49% at B = 4).",
     )
     flow: FlowConfig = field(default_factory=FlowConfig)
 

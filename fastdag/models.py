@@ -93,6 +93,22 @@ def ddim_scheduler_from(scheduler):
     return DDIMScheduler.from_config(scheduler.config)
 
 
+def step_settings(config) -> tuple[str, Optional[float]]:
+    """(prediction_type, clip range or None) of a DDIM scheduler config; settings the step math does not implement
+    are a one-line ConfigError (checked when the model loads, before anything is sampled)."""
+    from kernels.ddim_step import PREDICTION_TYPES
+
+    prediction_type = config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(f"model.pretrained: the scheduler's prediction_type {prediction_type!r} is not supported; "
+                          f"fastdag's DDIM step implements {', '.join(PREDICTION_TYPES)}")
+    if config.get("thresholding", False):
+        raise ConfigError("model.pretrained: the scheduler sets thresholding=True (dynamic thresholding of x̂_0), "
+                          "which fastdag's DDIM step does not implement; use a scheduler config without it")
+    clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", False) else None
+    return prediction_type, clip
+
+
 @dataclass
 class StepSchedule:
     """The DDIM steps of one trajectory, precomputed on the device so the hot loop never touches the host.
@@ -109,22 +125,31 @@ class StepSchedule:
     def num_steps(self) -> int:
         return self.timesteps.shape[0]
 
-    def score_scale(self, eta: float) -> torch.Tensor:
-        """[T] |∂μ_θ/∂ε̂| / σ_t: how strongly step i's log p_θ(x_{t-1} | x_t) reacts to the noise prediction
-        (∂ log p_θ / ∂ε̂ = z · this, z the step's standard-normal noise). About 0.6–0.9 on most of a 20-step
-        schedule but 5.4 at its second-to-last step, where σ_t collapses; NaN where σ_t = 0 (no density)."""
+    def score_scale(self, eta: float, prediction_type: str = "epsilon") -> torch.Tensor:
+        """[T] |∂μ_θ/∂o| / σ_t: how strongly step i's log p_θ(x_{t-1} | x_t) reacts to the model output o
+        (∂ log p_θ / ∂o = z · this, z the step's standard-normal noise; x̂_0's clip, where a model has one, is
+        ignored). For ε̂-prediction about 0.6–0.9 on most of a 20-step SD schedule but 5.4 at its second-to-last
+        step, where σ_t collapses; NaN where σ_t = 0 (no density)."""
         a, ap = self.alpha_t, self.alpha_prev
         sigma = eta * ((1 - ap) / (1 - a)).sqrt() * (1 - a / ap).sqrt()
-        dmu_deps = (1 - ap - sigma**2).clamp_min(0).sqrt() - ap.sqrt() * (1 - a).sqrt() / a.sqrt()
-        return torch.where(sigma > 0, dmu_deps.abs() / sigma, torch.full_like(sigma, float("nan")))
+        direction = (1 - ap - sigma**2).clamp_min(0).sqrt()
+        # ∂x̂_0/∂o and ∂ε̂/∂o of kernels.ddim_step.predict_x0_eps; μ = √ᾱ_{t−1} x̂_0 + direction · ε̂
+        d_x0, d_eps = {
+            "epsilon": (-(1 - a).sqrt() / a.sqrt(), torch.ones_like(a)),
+            "v_prediction": (-(1 - a).sqrt(), a.sqrt()),
+            "sample": (torch.ones_like(a), -a.sqrt() / (1 - a).sqrt()),
+        }[prediction_type]
+        dmu = ap.sqrt() * d_x0 + direction * d_eps
+        return torch.where(sigma > 0, dmu.abs() / sigma, torch.full_like(sigma, float("nan")))
 
 
-def step_weights(schedule: StepSchedule, eta: float, weighting: str) -> Optional[torch.Tensor]:
+def step_weights(schedule: StepSchedule, eta: float, weighting: str,
+                 prediction_type: str = "epsilon") -> Optional[torch.Tensor]:
     """[T] per-step loss weights of ``dag.step_weighting`` (None: uniform). score_scale: 1 / (the step's
     log-prob score scale), mean 1 over the steps; deterministic steps (σ_t = 0) keep weight 1."""
     if weighting == "uniform":
         return None
-    inverse = 1 / schedule.score_scale(eta)
+    inverse = 1 / schedule.score_scale(eta, prediction_type)
     stochastic = torch.isfinite(inverse)
     if not stochastic.any():
         return None
@@ -165,6 +190,7 @@ class DiffusionModel:
         self.unet = pipeline.unet
         self.scheduler = ddim_scheduler_from(pipeline.scheduler)
         pipeline.scheduler = self.scheduler
+        self.prediction_type, self.clip_sample_range = step_settings(self.scheduler.config)
         for module in [*self.frozen_modules(), self.unet]:
             module.requires_grad_(False)
             module.to(device)
@@ -177,6 +203,11 @@ class DiffusionModel:
         self.latent_shape = (self.unet.config.in_channels, *size)
         self.xhat_decoder = None
         self.cuda_graphs: dict = {}  # rollout step graphs by (batch, guidance, eta, reduce), see rollout.GraphedStep
+
+    @property
+    def step_kwargs(self) -> dict:
+        """The scheduler settings every DDIM step of this model needs (``kernels.ddim_step``'s keyword args)."""
+        return {"prediction_type": self.prediction_type, "clip_sample_range": self.clip_sample_range}
 
     @property
     def conditional(self) -> bool:

@@ -8,6 +8,7 @@ The residual, the DB loss and the RLOO advantages go through ``kernels`` (Triton
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -97,15 +98,18 @@ class DagKL:
     uses_flow = True
 
     def __init__(self, kl_coef: float, ratio_clip: float, adv_clip: float, prox_coef: float, backend: str = "reference",
-                 gather: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, slice]]] = None):
+                 gather: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, slice]]] = None,
+                 rloo_normaliser: str = "official"):
         self.kl_coef, self.ratio_clip, self.adv_clip, self.prox_coef = kl_coef, ratio_clip, adv_clip, prox_coef
-        self.backend, self.gather = backend, gather
+        self.backend, self.gather, self.rloo_normaliser = backend, gather, rloo_normaliser
 
     def advantages(self, returns: torch.Tensor) -> torch.Tensor:
+        rloo = partial(kernels.rloo_advantages, adv_clip=self.adv_clip, normaliser=self.rloo_normaliser,
+                       backend=self.backend)
         if self.gather is None:
-            return kernels.rloo_advantages(returns, self.adv_clip, backend=self.backend)
+            return rloo(returns)
         everyone, mine = self.gather(returns)
-        return kernels.rloo_advantages(everyone, self.adv_clip, backend=self.backend)[mine]
+        return rloo(everyone)[mine]
 
     def residuals(self, terms: TransitionTerms) -> torch.Tensor:
         """δ [B] with log p_F detached: the flow network's DB residual."""
@@ -154,5 +158,5 @@ def build_objective(cfg: DagConfig, backend: str = "reference",
         return DagDB(cfg.prox_coef, backend)
     if cfg.algorithm == "kl":
         return DagKL(cfg.kl_coefficient, cfg.ratio_clip, cfg.adv_clip, cfg.prox_coef, backend,
-                     gather if cfg.rloo_scope == "global" else None)
+                     gather if cfg.rloo_scope == "global" else None, cfg.rloo_normaliser)
     return DDPO(cfg.ratio_clip, cfg.adv_clip)

@@ -21,7 +21,7 @@ import torch
 from fastdag.models import DiffusionModel, StepSchedule, log_once
 from fastdag.profiling import NULL_TIMER, PhaseTimer
 from fastdag.rewards import CheckedReward
-from kernels.ddim_step import DDIMStepOutput
+from kernels.ddim_step import DDIMStepOutput, predict_x0_eps
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,10 @@ class Trajectories:
         return Trajectories(**out)
 
 
-def xhat0(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor) -> torch.Tensor:
-    """x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t with ᾱ_t [B]; fp32."""
-    a = alpha_t.float().reshape(-1, *([1] * (x_t.dim() - 1)))
-    return (x_t.float() - torch.sqrt(1 - a) * eps.float()) / torch.sqrt(a)
+def xhat0(x_t: torch.Tensor, output: torch.Tensor, alpha_t: torch.Tensor, prediction_type: str = "epsilon") -> torch.Tensor:
+    """x̂_0 [B, ...] fp32 of a model output in ``prediction_type`` (ε̂: (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t) with ᾱ_t [B];
+    unclipped, as the official code's forward-looking x̂_0 (``pred_orig_latent``)."""
+    return predict_x0_eps(output, x_t, alpha_t, prediction_type)[0]
 
 
 def score_latents(
@@ -262,7 +262,7 @@ def rollout_batch(
         with timer.phase("step"):
             if keep_xhat:
                 # The forward-looking flow uses x̂_0 of the conditional prediction (no CFG), as the official code.
-                xhat[:, i] = xhat0(x_t, eps_cond, schedule.alpha_t[i].expand(b))
+                xhat[:, i] = xhat0(x_t, eps_cond, schedule.alpha_t[i].expand(b), model.prediction_type)
             latents[:, i + 1] = out.x_prev
             eps_all[:, i] = eps
             log_pf[:, i], log_pb[:, i] = out.log_pf, out.log_pb

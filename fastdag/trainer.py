@@ -71,8 +71,9 @@ class Trainer:
         # Per-phase timing for `fastdag profile` and the benchmarks; off (a no-op, no host syncs) in training.
         self.timer = PhaseTimer(enabled=False, device=self.device)
         self.schedule = ddim_step_schedule(self.model.scheduler, cfg.sample.num_steps, self.device)
-        self.step_weights = step_weights(self.schedule, cfg.sample.eta, cfg.dag.step_weighting)
-        self.ddim_step = partial(kernels.ddim_step, backend=cfg.kernels.backend)
+        self.step_weights = step_weights(self.schedule, cfg.sample.eta, cfg.dag.step_weighting,
+                                         self.model.prediction_type)
+        self.ddim_step = partial(kernels.ddim_step, backend=cfg.kernels.backend, **self.model.step_kwargs)
         self.objective = build_objective(cfg.dag, cfg.kernels.backend, gather=distributed.gather_rows)
         self.flow: Optional[FlowNetwork] = None
         if self.objective.uses_flow:
@@ -175,7 +176,7 @@ class Trainer:
         with torch.no_grad():
             with self.timer.phase("unet"):
                 _, eps_cond = self.model.predict_eps(x, t, cond, self.uncond, 1.0)
-                xhat = xhat0(x, eps_cond, alpha)
+                xhat = xhat0(x, eps_cond, alpha, self.model.prediction_type)
             return score_latents(self.model, self.reward, xhat, prompts, self.cfg.reward.batch_size, cheap=True,
                                  timer=self.timer)[0].to(self.device)
 
@@ -209,8 +210,9 @@ class Trainer:
             r_t = self._xhat_rewards_now(x_t, t, a_t, cond, prompts)
             r_prev = self._xhat_rewards_now(x_prev, t_prev, sch.alpha_t[next_steps], cond, prompts)
         r_prev = torch.where(terminal, final_r, r_prev)
-        # One flow forward on both states of every transition.
-        with timer.phase("flow"):
+        # One flow forward on both states of every transition. The flow's weights are fp32; in a bf16 run it runs
+        # under the model's autocast (as the official code's flow), so it takes the bf16 prompt embeddings.
+        with timer.phase("flow"), self.model.autocast():
             both = self.flow(torch.cat([x_t, x_prev]), torch.cat([t, t_prev]),
                              None if cond is None else torch.cat([cond, cond]))
         f_t, f_prev = both.chunk(2)

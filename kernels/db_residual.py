@@ -3,7 +3,9 @@ DAG-KL (Eq. 14):
 
     δ   = log F(x_t) + log p_θ(x_{t−1} | x_t) − log q(x_t | x_{t−1}) − log F(x_{t−1})
     L_DB = mean(δ²)
-    A_i = clip((a_i − mean_{j≠i} a_j) / (std_{j≠i} a + 1e-8), −adv_clip, adv_clip),   a = sg(−δ)
+    A_i = clip((a_i − b_i) / (√v_i + 1e-8), −adv_clip, adv_clip),   a = sg(−δ),  b_i = mean_{j≠i} a_j
+    official (scripts/train_gfn.py):  v_i = mean_{j≠i} (a_j − b_j)²
+    loo_std:                          v_i = the unbiased variance of {a_j : j ≠ i}
 
 ``log_flow_*`` are the full log-flows (F_φ plus the forward-looking β·r̂ term). Each PyTorch reference
 (``*_reference``, the single source of truth for the trainer, tests and benchmarks) has a Triton twin
@@ -18,6 +20,7 @@ import torch
 from kernels._compat import require_triton, tl, triton
 
 RLOO_EPS = 1e-8
+RLOO_NORMALISERS = ("official", "loo_std")
 
 
 def db_residual_reference(
@@ -36,19 +39,27 @@ def db_loss_reference(
     return residual, (residual**2).mean()
 
 
-def rloo_advantages_reference(a: torch.Tensor, adv_clip: float) -> torch.Tensor:
+def rloo_advantages_reference(a: torch.Tensor, adv_clip: float, normaliser: str = "official") -> torch.Tensor:
     """Leave-one-out normalised advantages of DAG-KL.
 
-    A_i = (a_i − mean_{j≠i} a_j) / (std_{j≠i} a + 1e-8), clipped to [−adv_clip, adv_clip], where std_{j≠i} is the
-    *unbiased* standard deviation (divisor B − 2) of the B − 1 values other than a_i; so B >= 3.
+    A_i = (a_i − b_i) / (√v_i + 1e-8), clipped to [−adv_clip, adv_clip], with b_i = mean_{j≠i} a_j and
+
+    - ``official`` (scripts/train_gfn.py: ``rloo_var = (s.sum() − s) / (n − 1)``, s_j = (a_j − b_j)²):
+      v_i = mean_{j≠i} (a_j − b_j)², each a_j against its own leave-one-out baseline;
+    - ``loo_std``: v_i = the *unbiased* variance (divisor B − 2) of the B − 1 values other than a_i.
+
+    Both need B >= 3 (loo_std needs two others; the trainer asks the same of both).
 
     Args:
         a: [B] per-sample returns, e.g. a = −δ. Treated as constants (the advantage is sg(·) in Eq. 14).
         adv_clip: clip bound (5 in the official code).
+        normaliser: ``official`` or ``loo_std``.
 
     Returns:
         A [B] fp32, without gradient.
     """
+    if normaliser not in RLOO_NORMALISERS:
+        raise ValueError(f"normaliser must be one of {RLOO_NORMALISERS}, got {normaliser!r}")
     if a.dim() != 1 or a.shape[0] < 3:
         raise ValueError(f"a must be [B] with B >= 3 (an unbiased leave-one-out std needs 2 others), got {a.shape}")
     batch = a.shape[0]
@@ -56,8 +67,13 @@ def rloo_advantages_reference(a: torch.Tensor, adv_clip: float) -> torch.Tensor:
     # others[i] = a without a_i: [B, B − 1].
     keep = ~torch.eye(batch, dtype=torch.bool, device=a.device)
     others = a32.expand(batch, batch)[keep].view(batch, batch - 1)
-    advantages = (a32 - others.mean(dim=1)) / (others.std(dim=1, unbiased=True) + RLOO_EPS)
-    return advantages.clamp(-adv_clip, adv_clip)
+    deviation = a32 - others.mean(dim=1)  # a_i − b_i
+    if normaliser == "official":
+        squares = deviation**2
+        scale = (squares.expand(batch, batch)[keep].view(batch, batch - 1)).mean(dim=1).sqrt()
+    else:
+        scale = others.std(dim=1, unbiased=True)
+    return (deviation / (scale + RLOO_EPS)).clamp(-adv_clip, adv_clip)
 
 
 # Triton twins. B is a minibatch of transitions (tens to thousands), so the kernels are launch-bound; what matters
@@ -142,6 +158,7 @@ def _rloo_advantages_kernel(
     n_samples,
     adv_clip,
     eps,
+    OFFICIAL: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     # Single program, three passes over a (B is a minibatch): the mean, the centred sum of squares, then each
@@ -163,11 +180,17 @@ def _rloo_advantages_kernel(
         offsets = start + tl.arange(0, BLOCK_SIZE)
         mask = offsets < n_samples
         centred = tl.load(a_ptr + offsets, mask=mask, other=0.0).to(tl.float32) - mean
-        # Without a_i (c_i = a_i − mean): a_i − mean_{j≠i} = c_i·B/(B−1); the others' centred sum of squares is
-        # Σc² − c_i²·B/(B−1) (Welford's removal update), clamped at 0 against rounding; unbiased divisor B − 2.
+        # Without a_i (c_i = a_i − mean): a_i − mean_{j≠i} = c_i·B/(B−1).
         deviation = centred * n / (n - 1.0)
-        others_sum_sq = tl.maximum(sum_sq - centred * deviation, 0.0)
-        std = tl.sqrt(others_sum_sq / (n - 2.0))
+        if OFFICIAL:
+            # Σ_j (a_j − b_j)² = (B/(B−1))² Σc²; leave out d_i² and average over the B − 1 others.
+            total = sum_sq * (n / (n - 1.0)) * (n / (n - 1.0))
+            std = tl.sqrt(tl.maximum(total - deviation * deviation, 0.0) / (n - 1.0))
+        else:
+            # The others' centred sum of squares is Σc² − c_i²·B/(B−1) (Welford's removal update), clamped at 0
+            # against rounding; unbiased divisor B − 2.
+            others_sum_sq = tl.maximum(sum_sq - centred * deviation, 0.0)
+            std = tl.sqrt(others_sum_sq / (n - 2.0))
         advantage = tl.minimum(tl.maximum(deviation / (std + eps), -adv_clip), adv_clip)
         tl.store(advantages_ptr + offsets, advantage, mask=mask)
 
@@ -279,15 +302,17 @@ def db_loss_triton(
     return DBLossFunction.apply(log_flow_t, log_flow_prev, log_pf, log_pb)
 
 
-def rloo_advantages_triton(a: torch.Tensor, adv_clip: float) -> torch.Tensor:
+def rloo_advantages_triton(a: torch.Tensor, adv_clip: float, normaliser: str = "official") -> torch.Tensor:
     """Triton twin of :func:`rloo_advantages_reference`: a [B] (B >= 3) -> A [B] fp32, without gradient."""
+    if normaliser not in RLOO_NORMALISERS:
+        raise ValueError(f"normaliser must be one of {RLOO_NORMALISERS}, got {normaliser!r}")
     require_triton()
     if a.dim() != 1 or a.shape[0] < 3:
         raise ValueError(f"a must be [B] with B >= 3 (an unbiased leave-one-out std needs 2 others), got {a.shape}")
     n_samples = a.shape[0]
     advantages = torch.empty(n_samples, dtype=torch.float32, device=a.device)
     _rloo_advantages_kernel[(1,)](
-        a.detach().contiguous(), advantages, n_samples, float(adv_clip), RLOO_EPS,
+        a.detach().contiguous(), advantages, n_samples, float(adv_clip), RLOO_EPS, OFFICIAL=normaliser == "official",
         BLOCK_SIZE=min(_BLOCK_SIZE, triton.next_power_of_2(n_samples)),
     )  # fmt: skip
     return advantages

@@ -5,8 +5,12 @@ Notation (DESIGN.md §1, diffusers' ``DDIMScheduler.step``):
 ==============  =======================================================
 ``alpha_t``     ᾱ_t, cumulative alpha product at the current timestep
 ``alpha_prev``  ᾱ_{t-1}, at the previous timestep (``final_alpha_cumprod`` at the last step)
-``eps``         ε̂, the (CFG-combined) noise prediction
-``x0_pred``     x̂_0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t
+``eps``         the (CFG-combined) model output o in the scheduler's ``prediction_type``: ε̂ (epsilon), v̂
+                (v_prediction) or x̂_0 itself (sample)
+``x0_pred``     x̂_0: (x_t − √(1−ᾱ_t) o) / √ᾱ_t (epsilon), √ᾱ_t x_t − √(1−ᾱ_t) o (v), o (sample); then clipped to
+                ±``clip_sample_range`` when the scheduler has ``clip_sample``
+``pred_eps``    ε̂: o (epsilon), √ᾱ_t o + √(1−ᾱ_t) x_t (v), (x_t − √ᾱ_t o) / √(1−ᾱ_t) (sample); from the
+                *unclipped* x̂_0, as ``DDIMScheduler.step`` with its default ``use_clipped_model_output=False``
 ``sigma``       σ_t = η √((1−ᾱ_{t−1})/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_{t−1})
 ``mean``        μ_θ = √ᾱ_{t−1} x̂_0 + √(1 − ᾱ_{t−1} − σ_t²) ε̂
 ``log_pf``      log N(x_{t−1}; μ_θ, σ_t² I)                  forward policy p_θ(x_{t−1} | x_t)
@@ -15,6 +19,9 @@ Notation (DESIGN.md §1, diffusers' ``DDIMScheduler.step``):
 
 Both log-densities are reduced over the non-batch dimensions by ``mean`` (the official code's choice, inherited
 from DDPO: β then acts like β·D against a true density ratio) or ``sum`` (the true log-density).
+
+Dynamic thresholding (``thresholding=True``) needs a per-sample quantile of |x̂_0| and is refused when a model is
+loaded (``fastdag.models``), as is any other prediction type.
 
 A step whose σ is zero (η = 0, or ᾱ_{t−1} = ᾱ_t) is deterministic and has no density: its ``log_pf`` is defined
 as 0 with no gradient, and likewise ``log_pb`` where the backward variance is zero. Nothing becomes inf or NaN.
@@ -32,6 +39,7 @@ import torch
 from kernels._compat import require_triton, tl, triton
 
 REDUCTIONS = ("mean", "sum")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -59,6 +67,24 @@ def _gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
     return elementwise.mean(dim=dims) if reduce == "mean" else elementwise.sum(dim=dims)
 
 
+def predict_x0_eps(
+    model_output: torch.Tensor, x_t: torch.Tensor, alpha_t: torch.Tensor, prediction_type: str = "epsilon"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂_0, ε̂) in fp32 from a model output [B, ...] in ``prediction_type`` and ᾱ_t [B] (or broadcastable);
+    unclipped (``DDIMScheduler.step`` step 3)."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    o, x = model_output.to(torch.float32), x_t.to(torch.float32)
+    a_t = alpha_t.to(torch.float32)
+    a_t = a_t.reshape(-1, *([1] * (x.dim() - 1))) if a_t.dim() == 1 else a_t
+    sqrt_a, sqrt_1ma = torch.sqrt(a_t), torch.sqrt(1 - a_t)
+    if prediction_type == "epsilon":
+        return (x - sqrt_1ma * o) / sqrt_a, o
+    if prediction_type == "v_prediction":
+        return sqrt_a * x - sqrt_1ma * o, sqrt_a * o + sqrt_1ma * x
+    return o, (x - sqrt_a * o) / sqrt_1ma
+
+
 def ddim_step_reference(
     eps: torch.Tensor,
     x_t: torch.Tensor,
@@ -68,30 +94,37 @@ def ddim_step_reference(
     x_prev: Optional[torch.Tensor] = None,
     noise: Optional[torch.Tensor] = None,
     reduce: str = "mean",
+    prediction_type: str = "epsilon",
+    clip_sample_range: Optional[float] = None,
 ) -> DDIMStepOutput:
     """One DDIM step x_t -> x_{t-1} with log p_F and log p_B, computed in fp32.
 
     Args:
-        eps: [B, ...] noise prediction ε̂ (carries θ; gradients flow through it).
+        eps: [B, ...] model output in ``prediction_type`` (ε̂ for SD 1.5; carries θ, gradients flow through it).
         x_t: [B, ...] current state.
         alpha_t, alpha_prev: [B] ᾱ_t and ᾱ_{t-1} per sample (samples may sit at different timesteps).
         eta: DDIM η (1 in the paper: the full DDPM variance).
         x_prev: [B, ...] a stored next state to score (training); None samples x_{t-1} = μ + σ·noise (rollout).
         noise: [B, ...] standard normal noise used when sampling; drawn with ``torch.randn_like`` if None.
         reduce: ``mean`` or ``sum`` over the non-batch dimensions.
+        prediction_type: the scheduler's ``prediction_type``: epsilon, v_prediction or sample.
+        clip_sample_range: clip x̂_0 to ±this (the scheduler's ``clip_sample``/``clip_sample_range``); None: no clip.
 
     Returns:
-        DDIMStepOutput(x_prev [B, ...] in x_t's dtype, log_pf [B], log_pb [B], x0_pred [B, ...] in x_t's dtype).
+        DDIMStepOutput(x_prev [B, ...] in x_t's dtype, log_pf [B], log_pb [B], x0_pred [B, ...] (clipped) in x_t's
+        dtype).
         A given ``x_prev`` is returned as is and treated as data (no gradient).
     """
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
     out_dtype = x_t.dtype
-    eps32, x_t32 = eps.to(torch.float32), x_t.to(torch.float32)
+    x_t32 = x_t.to(torch.float32)
     a_t, a_prev = _per_sample(alpha_t, x_t), _per_sample(alpha_prev, x_t)
 
-    # x̂_0 and σ_t (DDIM paper Eq. 12 and 16).
-    x0_pred = (x_t32 - torch.sqrt(1 - a_t) * eps32) / torch.sqrt(a_t)
+    # x̂_0, ε̂ (DDIM paper Eq. 12; diffusers' prediction types), the clip of x̂_0, and σ_t (Eq. 16).
+    x0_pred, eps32 = predict_x0_eps(eps, x_t32, a_t, prediction_type)
+    if clip_sample_range is not None:
+        x0_pred = x0_pred.clamp(-clip_sample_range, clip_sample_range)
     variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     sigma = eta * torch.sqrt(variance.clamp_min(0))
     # μ_θ: "direction pointing to x_t" plus the rescaled x̂_0.
@@ -143,6 +176,34 @@ def _ddim_coefficients(alpha_t, alpha_prev, eta):
 
 
 @triton.jit
+def _predict_x0_eps(output, x_t, sqrt_alpha_t, sqrt_one_minus_alpha_t, clip_range, PREDICTION: tl.constexpr,
+                    CLIP: tl.constexpr):
+    """(x̂_0 clipped, ε̂, ∂x̂_0/∂o, ∂ε̂/∂o) elementwise from the model output o, as ``predict_x0_eps`` plus the clip.
+    PREDICTION: 0 epsilon, 1 v_prediction, 2 sample. ∂x̂_0/∂o is 0 where the clip is active (as torch.clamp's)."""
+    if PREDICTION == 0:
+        x0 = (x_t - sqrt_one_minus_alpha_t * output) / sqrt_alpha_t
+        eps = output
+        d_x0 = -sqrt_one_minus_alpha_t / sqrt_alpha_t
+        d_eps = 1.0
+    elif PREDICTION == 1:
+        x0 = sqrt_alpha_t * x_t - sqrt_one_minus_alpha_t * output
+        eps = sqrt_alpha_t * output + sqrt_one_minus_alpha_t * x_t
+        d_x0 = -sqrt_one_minus_alpha_t
+        d_eps = sqrt_alpha_t
+    else:
+        x0 = output
+        eps = (x_t - sqrt_alpha_t * output) / sqrt_one_minus_alpha_t
+        d_x0 = 1.0
+        d_eps = -sqrt_alpha_t / sqrt_one_minus_alpha_t
+    d_x0 = output * 0.0 + d_x0  # elementwise from here on
+    if CLIP:
+        inside = (x0 >= -clip_range) & (x0 <= clip_range)
+        d_x0 = tl.where(inside, d_x0, 0.0)
+        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+    return x0, eps, d_x0, d_eps
+
+
+@triton.jit
 def _reduced_gaussian_log_density(sum_sq, std, n_elements, MEAN: tl.constexpr):
     """Σ_i log N(x_i; μ_i, std²) from Σ_i (x_i − μ_i)² (÷ n_elements when MEAN); 0 where std == 0."""
     positive = std > 0.0
@@ -166,6 +227,7 @@ def _ddim_step_forward_kernel(
     alpha_t_ptr,
     alpha_prev_ptr,
     eta,
+    clip_range,
     x_prev_out_ptr,  # written only when SAMPLING
     x0_pred_ptr,
     sq_pf_ptr,  # [B, n_blocks] fp32 partial Σ (x_{t−1} − μ)²
@@ -173,6 +235,8 @@ def _ddim_step_forward_kernel(
     n_elements,
     n_blocks,
     SAMPLING: tl.constexpr,
+    PREDICTION: tl.constexpr,
+    CLIP: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     sample = tl.program_id(0)
@@ -188,10 +252,10 @@ def _ddim_step_forward_kernel(
     # int64 row offset: B · D can pass 2³¹ at large batch × resolution.
     row = sample.to(tl.int64) * n_elements
     # Load, upcast, compute in fp32, downcast on store (the interpreter miscomputes bf16 arithmetic).
-    eps = tl.load(eps_ptr + row + offsets, mask=mask, other=0.0).to(tl.float32)
+    output = tl.load(eps_ptr + row + offsets, mask=mask, other=0.0).to(tl.float32)
     x_t = tl.load(x_t_ptr + row + offsets, mask=mask, other=0.0).to(tl.float32)
 
-    x0_pred = (x_t - sqrt_one_minus_alpha_t * eps) / sqrt_alpha_t
+    x0_pred, eps, _, _ = _predict_x0_eps(output, x_t, sqrt_alpha_t, sqrt_one_minus_alpha_t, clip_range, PREDICTION, CLIP)
     mean = sqrt_alpha_prev * x0_pred + direction * eps
     if SAMPLING:
         noise = tl.load(target_ptr + row + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -250,11 +314,14 @@ def _ddim_step_backward_kernel(
     alpha_t_ptr,
     alpha_prev_ptr,
     eta,
+    clip_range,
     grad_x0_pred_ptr,  # [B, D] upstream gradient of x0_pred (read only when HAS_GRAD_X0)
     grad_log_pf_ptr,  # [B] upstream gradient of log_pf (read only when HAS_GRAD_LOG_PF)
     grad_eps_ptr,  # [B, D] in eps's dtype
     n_elements,
     SAMPLING: tl.constexpr,
+    PREDICTION: tl.constexpr,
+    CLIP: tl.constexpr,
     MEAN: tl.constexpr,
     HAS_GRAD_X0: tl.constexpr,
     HAS_GRAD_LOG_PF: tl.constexpr,
@@ -267,21 +334,22 @@ def _ddim_step_backward_kernel(
     sqrt_alpha_t, sqrt_one_minus_alpha_t, sqrt_alpha_prev, direction, sigma, _, _ = _ddim_coefficients(
         alpha_t, alpha_prev, eta
     )
-    d_x0_d_eps = -sqrt_one_minus_alpha_t / sqrt_alpha_t
-    d_mean_d_eps = sqrt_alpha_prev * d_x0_d_eps + direction
-
     offsets = block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n_elements
     row = sample.to(tl.int64) * n_elements
+    # Recompute x̂_0, ε̂ and μ exactly as the forward did (and the sampled x_{t−1} in fp32), rather than storing them.
+    output = tl.load(eps_ptr + row + offsets, mask=mask, other=0.0).to(tl.float32)
+    x_t = tl.load(x_t_ptr + row + offsets, mask=mask, other=0.0).to(tl.float32)
+    x0_pred, eps, d_x0, d_eps = _predict_x0_eps(
+        output, x_t, sqrt_alpha_t, sqrt_one_minus_alpha_t, clip_range, PREDICTION, CLIP
+    )
     grad_eps = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     if HAS_GRAD_X0:
         grad_x0 = tl.load(grad_x0_pred_ptr + row + offsets, mask=mask, other=0.0).to(tl.float32)
-        grad_eps += grad_x0 * d_x0_d_eps
+        grad_eps += grad_x0 * d_x0
     if HAS_GRAD_LOG_PF:
-        # Recompute μ (and the sampled x_{t−1} in fp32) exactly as the forward did, rather than storing them.
-        eps = tl.load(eps_ptr + row + offsets, mask=mask, other=0.0).to(tl.float32)
-        x_t = tl.load(x_t_ptr + row + offsets, mask=mask, other=0.0).to(tl.float32)
-        mean = sqrt_alpha_prev * ((x_t - sqrt_one_minus_alpha_t * eps) / sqrt_alpha_t) + direction * eps
+        mean = sqrt_alpha_prev * x0_pred + direction * eps
+        d_mean = sqrt_alpha_prev * d_x0 + direction * d_eps
         target = tl.load(target_ptr + row + offsets, mask=mask, other=0.0).to(tl.float32)
         if SAMPLING:
             x_prev = mean + sigma * target
@@ -293,7 +361,7 @@ def _ddim_step_backward_kernel(
         if MEAN:
             weight = weight / (n_elements * 1.0)
         weight = tl.where(positive, weight, 0.0)
-        grad_eps += weight * d_mean_d_eps * (x_prev - mean)
+        grad_eps += weight * d_mean * (x_prev - mean)
     tl.store(grad_eps_ptr + row + offsets, grad_eps.to(grad_eps_ptr.dtype.element_ty), mask=mask)
 
 
@@ -322,6 +390,8 @@ def _ddim_step_forward(
     eta: float,
     sampling: bool,
     reduce: str,
+    prediction: int,
+    clip_range: Optional[float],
     out_shape: torch.Size,
 ) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward. Inputs are [B, D] contiguous, alphas [B] fp32. Returns (x_prev or None, log_pf [B],
@@ -334,10 +404,11 @@ def _ddim_step_forward(
     sq_pf = torch.empty((batch, n_blocks), dtype=torch.float32, device=x_t.device)
     sq_pb = torch.empty_like(sq_pf)
     _ddim_step_forward_kernel[(batch, n_blocks)](
-        eps, x_t, target, alpha_t, alpha_prev, eta,
+        eps, x_t, target, alpha_t, alpha_prev, eta, 0.0 if clip_range is None else float(clip_range),
         x_prev if sampling else x0_pred,  # never written when scoring; any valid pointer will do
         x0_pred, sq_pf, sq_pb, n_elements, n_blocks,
-        SAMPLING=sampling, BLOCK_SIZE=block_size, num_warps=_NUM_WARPS,
+        SAMPLING=sampling, PREDICTION=prediction, CLIP=clip_range is not None, BLOCK_SIZE=block_size,
+        num_warps=_NUM_WARPS,
     )  # fmt: skip
     log_pf = torch.empty(batch, dtype=torch.float32, device=x_t.device)
     log_pb = torch.empty_like(log_pf)
@@ -357,6 +428,8 @@ def _ddim_step_backward(
     eta: float,
     sampling: bool,
     reduce: str,
+    prediction: int,
+    clip_range: Optional[float],
     grad_x0_pred: Optional[torch.Tensor],
     grad_log_pf: Optional[torch.Tensor],
     out_shape: torch.Size,
@@ -366,11 +439,11 @@ def _ddim_step_backward(
     block_size, n_blocks = _launch_config(n_elements)
     grad_eps = torch.empty(out_shape, dtype=eps.dtype, device=eps.device)
     _ddim_step_backward_kernel[(batch, n_blocks)](
-        eps, x_t, target, alpha_t, alpha_prev, eta,
+        eps, x_t, target, alpha_t, alpha_prev, eta, 0.0 if clip_range is None else float(clip_range),
         grad_x0_pred.contiguous() if grad_x0_pred is not None else eps,  # placeholder pointers are never read
         grad_log_pf.to(torch.float32).contiguous() if grad_log_pf is not None else alpha_t,
         grad_eps, n_elements,
-        SAMPLING=sampling, MEAN=reduce == "mean",
+        SAMPLING=sampling, PREDICTION=prediction, CLIP=clip_range is not None, MEAN=reduce == "mean",
         HAS_GRAD_X0=grad_x0_pred is not None, HAS_GRAD_LOG_PF=grad_log_pf is not None,
         BLOCK_SIZE=block_size, num_warps=_NUM_WARPS,
     )  # fmt: skip
@@ -379,6 +452,9 @@ def _ddim_step_backward(
 
 class DDIMStepFunction(torch.autograd.Function):
     """Fused DDIM step; differentiable in ``eps`` only (x_t, the alphas and x_{t−1} are data, not functions of θ).
+
+    Written below for an ε̂-prediction model without clipping; for the other prediction types (and the clip of
+    x̂_0) c_0 and c_μ become elementwise ∂x̂_0/∂o and ∂μ/∂o of :func:`_predict_x0_eps` (0 where the clip is active).
 
     Per sample b with D elements and w = 1/D for ``mean`` (1 for ``sum``), element i (per-sample scalars from ᾱ_t,
     ᾱ_{t−1}, η as in the module docstring):
@@ -408,6 +484,8 @@ class DDIMStepFunction(torch.autograd.Function):
         target: torch.Tensor,
         sampling: bool,
         reduce: str,
+        prediction: int,
+        clip_range: Optional[float],
     ) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
         shape = x_t.shape
         batch = shape[0]
@@ -415,10 +493,11 @@ class DDIMStepFunction(torch.autograd.Function):
         alpha_t32 = _per_sample_alphas(alpha_t, batch, "alpha_t", x_t.device)
         alpha_prev32 = _per_sample_alphas(alpha_prev, batch, "alpha_prev", x_t.device)
         x_prev, log_pf, log_pb, x0_pred = _ddim_step_forward(
-            eps2d, x_t2d, target2d, alpha_t32, alpha_prev32, eta, sampling, reduce, shape
+            eps2d, x_t2d, target2d, alpha_t32, alpha_prev32, eta, sampling, reduce, prediction, clip_range, shape
         )
         ctx.save_for_backward(eps2d, x_t2d, target2d, alpha_t32, alpha_prev32)
         ctx.eta, ctx.sampling, ctx.reduce, ctx.shape = eta, sampling, reduce, shape
+        ctx.prediction, ctx.clip_range = prediction, clip_range
         ctx.set_materialize_grads(False)
         # One call: each mark_non_differentiable replaces the previous set.
         ctx.mark_non_differentiable(log_pb, *([x_prev] if x_prev is not None else []))
@@ -438,10 +517,10 @@ class DDIMStepFunction(torch.autograd.Function):
             batch = eps2d.shape[0]
             grad_eps = _ddim_step_backward(
                 eps2d, x_t2d, target2d, alpha_t32, alpha_prev32, ctx.eta, ctx.sampling, ctx.reduce,
-                grad_x0_pred.reshape(batch, -1) if grad_x0_pred is not None else None,
+                ctx.prediction, ctx.clip_range, grad_x0_pred.reshape(batch, -1) if grad_x0_pred is not None else None,
                 grad_log_pf, ctx.shape,
             )  # fmt: skip
-        return grad_eps, None, None, None, None, None, None, None
+        return grad_eps, None, None, None, None, None, None, None, None, None
 
 
 def ddim_step_triton(
@@ -453,6 +532,8 @@ def ddim_step_triton(
     x_prev: Optional[torch.Tensor] = None,
     noise: Optional[torch.Tensor] = None,
     reduce: str = "mean",
+    prediction_type: str = "epsilon",
+    clip_sample_range: Optional[float] = None,
 ) -> DDIMStepOutput:
     """Fused Triton twin of :func:`ddim_step_reference`: same signature, same outputs, computed in fp32.
 
@@ -462,6 +543,8 @@ def ddim_step_triton(
     """
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     require_triton()
     sampling = x_prev is None
     if sampling:
@@ -477,6 +560,7 @@ def ddim_step_triton(
                 f"got {tuple(tensor.shape)} on {tensor.device}"
             )
     sampled, log_pf, log_pb, x0_pred = DDIMStepFunction.apply(
-        eps, x_t, alpha_t, alpha_prev, float(eta), target, sampling, reduce
+        eps, x_t, alpha_t, alpha_prev, float(eta), target, sampling, reduce,
+        PREDICTION_TYPES.index(prediction_type), None if clip_sample_range is None else float(clip_sample_range),
     )
     return DDIMStepOutput(sampled if sampling else x_prev, log_pf, log_pb, x0_pred)

@@ -57,11 +57,14 @@ def ddim_step(
     x_prev: Optional[torch.Tensor] = None,
     noise: Optional[torch.Tensor] = None,
     reduce: str = "mean",
+    prediction_type: str = "epsilon",
+    clip_sample_range: Optional[float] = None,
     backend: Backend = "auto",
 ) -> DDIMStepOutput:
     """:func:`kernels.ddim_step.ddim_step_reference` or its Triton twin, chosen by ``backend`` for x_t's device."""
     fn = ddim_step_triton if resolve_backend(backend, x_t.device) == "triton" else ddim_step_reference
-    return fn(eps, x_t, alpha_t, alpha_prev, eta, x_prev=x_prev, noise=noise, reduce=reduce)
+    return fn(eps, x_t, alpha_t, alpha_prev, eta, x_prev=x_prev, noise=noise, reduce=reduce,
+              prediction_type=prediction_type, clip_sample_range=clip_sample_range)
 
 
 def db_residual(
@@ -88,7 +91,7 @@ def db_loss(
     return fn(log_flow_t, log_flow_prev, log_pf, log_pb)
 
 
-def rloo_advantages(a: torch.Tensor, adv_clip: float, backend: Backend = "auto") -> torch.Tensor:
+def rloo_advantages(a: torch.Tensor, adv_clip: float, normaliser: str = "official", backend: Backend = "auto") -> torch.Tensor:
     """:func:`kernels.db_residual.rloo_advantages_reference` or its Triton twin: A [B] fp32, no gradient."""
     fn = rloo_advantages_triton if resolve_backend(backend, a.device) == "triton" else rloo_advantages_reference
-    return fn(a, adv_clip)
+    return fn(a, adv_clip, normaliser)

@@ -23,7 +23,7 @@ from triton.compiler.compiler import ASTSource
 
 FP32_POINTERS = {"alpha_t_ptr", "alpha_prev_ptr", "target_ptr", "sq_pf_ptr", "sq_pb_ptr", "log_pf_ptr", "log_pb_ptr",
                  "grad_log_pf_ptr", "residual_ptr", "loss_ptr", "grad_loss_ptr", "advantages_ptr"}
-FLOAT_SCALARS = {"eta", "adv_clip", "eps"}
+FLOAT_SCALARS = {"eta", "adv_clip", "eps", "clip_range"}
 
 def compile_for_sm90(module, kernel, constexprs, ones=()):
     """Other pointers are bf16; ints named in `ones` are 1, which Triton turns into constexprs."""
@@ -41,17 +41,21 @@ def compile_for_sm90(module, kernel, constexprs, ones=()):
     print("compiled", kernel, constants)
 
 D, R = "kernels.ddim_step", "kernels.db_residual"
-compile_for_sm90(D, "_ddim_step_forward_kernel", {"SAMPLING": True, "BLOCK_SIZE": 1024})
-compile_for_sm90(D, "_ddim_step_forward_kernel", {"SAMPLING": False, "BLOCK_SIZE": 1024}, ones=("n_elements",))
+# PREDICTION: 0 epsilon, 1 v_prediction, 2 sample; each with and without the clip of x̂_0
+for prediction, clip in ((0, False), (1, True), (2, True)):
+    step = {"PREDICTION": prediction, "CLIP": clip, "BLOCK_SIZE": 1024}
+    compile_for_sm90(D, "_ddim_step_forward_kernel", {"SAMPLING": True, **step})
+    compile_for_sm90(D, "_ddim_step_forward_kernel", {"SAMPLING": False, **step}, ones=("n_elements",))
+    flags = ("SAMPLING", "MEAN", "HAS_GRAD_X0", "HAS_GRAD_LOG_PF")
+    compile_for_sm90(D, "_ddim_step_backward_kernel", {**dict.fromkeys(flags, True), **step}, ("n_elements",))
+    compile_for_sm90(D, "_ddim_step_backward_kernel", {**dict.fromkeys(flags, False), **step, "HAS_GRAD_X0": True})
 compile_for_sm90(D, "_ddim_step_reduce_kernel", {"MEAN": True, "BLOCK_SIZE": 16}, ones=("n_elements", "n_blocks"))
-flags = ("SAMPLING", "MEAN", "HAS_GRAD_X0", "HAS_GRAD_LOG_PF")
-compile_for_sm90(D, "_ddim_step_backward_kernel", {**dict.fromkeys(flags, True), "BLOCK_SIZE": 1024}, ("n_elements",))
-compile_for_sm90(D, "_ddim_step_backward_kernel", {**dict.fromkeys(flags, False), "HAS_GRAD_X0": True, "BLOCK_SIZE": 1024})
 compile_for_sm90(R, "_db_residual_kernel", {"BLOCK_SIZE": 1024}, ones=("n_transitions",))
 compile_for_sm90(R, "_db_loss_kernel", {"BLOCK_SIZE": 1024}, ones=("n_transitions",))
 compile_for_sm90(R, "_db_residual_backward_kernel", {"HAS_GRAD_RESIDUAL": True, "HAS_GRAD_LOSS": True, "BLOCK_SIZE": 1024},
                  ones=("n_transitions",))
-compile_for_sm90(R, "_rloo_advantages_kernel", {"BLOCK_SIZE": 1024})
+compile_for_sm90(R, "_rloo_advantages_kernel", {"OFFICIAL": True, "BLOCK_SIZE": 1024})
+compile_for_sm90(R, "_rloo_advantages_kernel", {"OFFICIAL": False, "BLOCK_SIZE": 1024})
 '''
 
 
@@ -62,4 +66,4 @@ def test_kernels_compile_for_sm90():
         [sys.executable, "-c", COMPILE_ALL], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    assert result.stdout.count("compiled") == 9
+    assert result.stdout.count("compiled") == 18

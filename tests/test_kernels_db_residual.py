@@ -99,14 +99,15 @@ def test_db_residual_rejects_mismatched_shapes():
         db_loss_triton(inputs[0].view(2, 4), *inputs[1:])
 
 
+@pytest.mark.parametrize("normaliser", ["official", "loo_std"])
 @pytest.mark.parametrize("adv_clip", [5.0, 0.5])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", [3, 8, 37, 1029])
-def test_rloo_advantages(batch, dtype, adv_clip):
+def test_rloo_advantages(batch, dtype, adv_clip, normaliser):
     a = (10.0 * torch.randn(batch, device=DEVICE) + 3.0).to(dtype).requires_grad_(True)
-    advantages = rloo_advantages_triton(a, adv_clip)
-    ref32 = rloo_advantages_reference(a.float(), adv_clip)
-    ref_lowp = rloo_advantages_reference(a, adv_clip)
+    advantages = rloo_advantages_triton(a, adv_clip, normaliser)
+    ref32 = rloo_advantages_reference(a.float(), adv_clip, normaliser)
+    ref_lowp = rloo_advantages_reference(a, adv_clip, normaliser)
     assert advantages.dtype == torch.float32 and not advantages.requires_grad
     assert_within_reference_error(advantages, ref32, ref_lowp, "advantages")
     assert advantages.abs().max() <= adv_clip
@@ -117,11 +118,32 @@ def test_rloo_advantages_degenerate_batches():
     equal = torch.full((6,), 2.5, device=DEVICE)
     assert torch.equal(rloo_advantages_triton(equal, 5.0), torch.zeros(6, device=DEVICE))
     outlier = torch.tensor([0.0, 0.0, 0.0, 0.0, 10.0], device=DEVICE)
-    advantages = rloo_advantages_triton(outlier, 5.0)
-    reference = rloo_advantages_reference(outlier, 5.0)
+    advantages = rloo_advantages_triton(outlier, 5.0, "loo_std")
+    reference = rloo_advantages_reference(outlier, 5.0, "loo_std")
     assert_within_reference_error(advantages, reference, reference, "advantages")
     assert advantages[-1] == 5.0
     with pytest.raises(ValueError, match="B >= 3"):
         rloo_advantages_triton(torch.randn(2, device=DEVICE), 5.0)
     with pytest.raises(ValueError, match="B >= 3"):
         rloo_advantages_reference(torch.randn(2, device=DEVICE), 5.0)
+
+
+def official_rloo(a: torch.Tensor, adv_clip: float) -> torch.Tensor:
+    """scripts/train_gfn.py of the official code, line for line."""
+    reward_db = a.double()
+    rloo_baseline = (reward_db.sum() - reward_db) / (len(reward_db) - 1)
+    reward_ = (reward_db - rloo_baseline) ** 2
+    rloo_var = (reward_.sum() - reward_) / (len(reward_db) - 1)
+    advantages = (reward_db - rloo_baseline) / (rloo_var.sqrt() + 1e-8)
+    return torch.clamp(advantages, -adv_clip, adv_clip)
+
+
+@pytest.mark.parametrize("batch", [3, 4, 8, 33])
+def test_rloo_official_normaliser_is_the_official_formula(batch):
+    a = 4.0 * torch.randn(batch, device=DEVICE) - 1.0
+    expected = official_rloo(a, 5.0).float()
+    torch.testing.assert_close(rloo_advantages_reference(a, 5.0), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rloo_advantages_triton(a, 5.0), expected, rtol=1e-5, atol=1e-5)
+    # the other normaliser is a different function (larger advantages), so the check above can fail
+    other = rloo_advantages_reference(a, 50.0, "loo_std").abs()
+    assert (other > official_rloo(a, 50.0).float().abs() * 1.01).all()

@@ -27,15 +27,21 @@ def test_db_loss_and_gradients():
     assert set(metrics) >= {"loss", "db_loss", "prox"} and all(v.dim() == 0 for v in metrics.values())
 
 
-def test_kl_flow_term_does_not_reach_the_policy():
+@pytest.mark.parametrize("normaliser", ["official", "loo_std"])
+def test_kl_flow_term_does_not_reach_the_policy(normaliser):
     terms = make_terms()
-    obj = DagKL(kl_coef=3.0, ratio_clip=1e-4, adv_clip=5.0, prox_coef=0.0)
+    obj = DagKL(kl_coef=3.0, ratio_clip=1e-4, adv_clip=5.0, prox_coef=0.0, rloo_normaliser=normaliser)
     loss, metrics = obj(terms)
     delta = (terms.log_flow_t + terms.log_pf - terms.log_pb - terms.log_flow_prev).detach()
+    a, n = -delta, len(delta)
+    baseline = torch.stack([torch.cat([a[:i], a[i + 1 :]]).mean() for i in range(n)])  # leave-one-out means
     adv = []
-    for i in range(len(delta)):  # leave-one-out baseline, unbiased std of the others
-        others = torch.cat([-delta[:i], -delta[i + 1 :]])
-        adv.append(((-delta[i] - others.mean()) / (others.std() + 1e-8)).clamp(-5, 5))
+    for i in range(n):
+        if normaliser == "official":  # train_gfn.py: the mean of the others' squared deviations from their baselines
+            scale = torch.cat([(a - baseline)[:i], (a - baseline)[i + 1 :]]).pow(2).mean().sqrt()
+        else:  # the unbiased std of the others
+            scale = torch.cat([a[:i], a[i + 1 :]]).std()
+        adv.append(((a[i] - baseline[i]) / (scale + 1e-8)).clamp(-5, 5))
     adv = torch.stack(adv)
     ratio = torch.exp(terms.log_pf - terms.log_pf_old)
     kl = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - 1e-4, 1 + 1e-4)).mean()
