@@ -54,6 +54,43 @@ def check_engine(cfg: Config, device: torch.device, world: World) -> None:
                               "use adamw")
 
 
+class GroupClipper:
+    """Clips each parameter group's gradient (LoRA, flow) to its own norm before the optimizer updates it, as the
+    official code clips the UNet and the flow network separately (``train.grad_clip: separate``), and records
+    every group's pre-clip norm.
+
+    An optimizer step pre-hook, so it runs wherever the update happens: in the torch engine, and inside DeepSpeed's
+    step, after ZeRO 1/2 have reduced the gradients into each process's partition of a group (DeepSpeed calls the
+    optimizer once per group there). With the gradients partitioned over processes (``partitioned``) the squared
+    norms are summed over them first, so every process clips by the whole group's norm. The coefficient is
+    torch.nn.utils.clip_grad_norm_'s: max_norm / (norm + 1e-6), at most 1.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_norm: float, partitioned: bool):
+        self.max_norm, self.partitioned = max_norm, partitioned
+        self.norms: dict[str, torch.Tensor] = {}
+        optimizer.register_step_pre_hook(self)
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for group in optimizer.param_groups:
+            grads = [p.grad for p in group["params"] if p.grad is not None]
+            device = group["params"][0].device
+            sq = torch.zeros((), device=device)
+            if grads:
+                sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+            if self.partitioned:
+                torch.distributed.all_reduce(sq)
+            norm = sq.sqrt()
+            self.norms[group["name"]] = norm.detach()
+            if grads and self.max_norm > 0:
+                torch._foreach_mul_(grads, (self.max_norm / (norm + 1e-6)).clamp(max=1.0))
+
+    def total(self) -> torch.Tensor:
+        """The pre-clip norm over all groups (what a joint clip would clip)."""
+        return torch.stack([n.float().cpu() for n in self.norms.values()]).pow(2).sum().sqrt() if self.norms \
+            else torch.zeros(())
+
+
 def make_optimizer(groups: list[dict], cfg: Config) -> torch.optim.Optimizer:
     t = cfg.train
     kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
@@ -77,6 +114,9 @@ class TorchEngine:
         self.optimizer = make_optimizer(groups, cfg)
         self.params = [p for g in groups for p in g["params"]]
         self.accumulation, self.max_grad_norm = accumulation, cfg.train.max_grad_norm
+        # train.grad_clip joint: one clip_grad_norm_ over both groups in step(); separate: the clipper hook
+        self.clipper = None if cfg.train.grad_clip == "joint" else GroupClipper(self.optimizer, self.max_grad_norm,
+                                                                                partitioned=False)
         self.micro_steps = 0
         self.grad_norm = torch.zeros(())
 
@@ -91,9 +131,11 @@ class TorchEngine:
         self.micro_steps += 1
         if self.micro_steps % self.accumulation:
             return False
-        if self.max_grad_norm > 0:
+        if self.clipper is None and self.max_grad_norm > 0:
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm).detach()
         self.optimizer.step()
+        if self.clipper is not None:
+            self.grad_norm = self.clipper.total()
         self.optimizer.zero_grad(set_to_none=True)
         return True
 
@@ -116,12 +158,13 @@ class TorchEngine:
 def deepspeed_config(cfg: Config, shard: Shard, world: World, bf16: bool) -> dict[str, Any]:
     """DeepSpeed JSON from the config tree and the data-parallel split, so batch sizes cannot disagree with it:
     per process a micro-batch of its share of ``train.batch_size``, accumulated over ``micro_steps_per_update``
-    backwards; DeepSpeed checks train_batch_size = micro-batch x accumulation x processes."""
+    backwards; DeepSpeed checks train_batch_size = micro-batch x accumulation x processes. DeepSpeed clips one
+    joint norm; with ``train.grad_clip: separate`` its clipping is off and :class:`GroupClipper` clips instead."""
     ds: dict[str, Any] = {
         "train_batch_size": shard.train_batch * shard.micro_steps_per_update * world.size,
         "train_micro_batch_size_per_gpu": shard.train_batch,
         "gradient_accumulation_steps": shard.micro_steps_per_update,
-        "gradient_clipping": cfg.train.max_grad_norm,
+        "gradient_clipping": cfg.train.max_grad_norm if cfg.train.grad_clip == "joint" else 0.0,
         "zero_optimization": {"stage": cfg.engine.zero_stage},
         # the optimizer is ours (torch AdamW with two param groups): no CPU-Adam JIT build, ZeRO wraps it
         "zero_allow_untested_optimizer": True,
@@ -151,9 +194,13 @@ class DeepSpeedEngine:
         if not torch.distributed.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         self.ds_config = deepspeed_config(cfg, shard, world, bf16=False)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=module, optimizer=make_optimizer(groups, cfg), config=self.ds_config
-        )
+        optimizer = make_optimizer(groups, cfg)
+        self.clipper = None
+        if cfg.train.grad_clip == "separate":
+            self.clipper = GroupClipper(optimizer, cfg.train.max_grad_norm,
+                                        partitioned=cfg.engine.zero_stage > 0 and world.size > 1)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                                                 config=self.ds_config)
         self.module = module
         self.accumulation = shard.micro_steps_per_update
         self.grad_norm = torch.zeros(())
@@ -173,6 +220,10 @@ class DeepSpeedEngine:
     def step(self) -> bool:
         boundary = self.engine.is_gradient_accumulation_boundary()
         own = None
+        if boundary and self.clipper is not None:
+            self.engine.step()  # the clipper records the pre-clip group norms inside it
+            self.grad_norm = self.clipper.total()
+            return boundary
         if boundary and not self.engine.zero_optimization():
             # ZeRO stage 0 with our optimizer: DeepSpeed clips but records no norm (get_global_grad_norm is None),
             # so take the pre-clip norm of the full gradients here, as ZeRO 1/2 report it.

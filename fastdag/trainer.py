@@ -272,6 +272,8 @@ class Trainer:
         means = distributed.mean_over_ranks(torch.stack([sums[k] / count for k in keys]).float())
         out = dict(zip(keys, means.tolist()))
         out["grad_norm"] = float(self.engine.grad_norm)
+        for name, norm in (self.engine.clipper.norms if self.engine.clipper else {}).items():  # pre-clip, per group
+            out[f"grad_norm_{name}"] = float(norm)
         return out
 
     # ----- loop ----------------------------------------------------------------------------------------------

@@ -146,8 +146,10 @@ def test_triton_backend_matches_reference_in_training(tmp_path, algorithm, monke
         monkeypatch.setattr(dispatch, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
     rows = {}
     for backend in ("reference", "triton"):
+        # A smooth reward (brightness): the backends agree to ~1e-7 in the latents, which JPEG size turns into
+        # whole-byte flips of x̂_0 rewards (β = 10), so with it the verdict depended on the CPU it ran on.
         trainer = Trainer(tiny_cfg(tmp_path, f"kernels.backend={backend}", f"dag.algorithm={algorithm}",
-                                   f"logging.run_name={backend}", "logging.grid_size=0"))
+                                   f"logging.run_name={backend}", "logging.grid_size=0", "reward.name=brightness"))
         rows[backend] = trainer.fit()[0]
     for key in ("reward_mean", "loss", "db_loss", "prox"):
         assert rows["triton"][key] == pytest.approx(rows["reference"][key], rel=1e-5, abs=1e-6), key
