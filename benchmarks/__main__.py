@@ -6,6 +6,7 @@
     python -m benchmarks kernels [...]                         # benchmarks.bench_kernels
     python -m benchmarks xhat-modes [...]                      # benchmarks.bench_xhat_modes
     python -m benchmarks gradient-signal [...]                 # signal vs noise in one epoch's DB gradient
+    python -m benchmarks gpu-check [--dry-run | --prepare-wheels]  # everything that needs a GPU, one command
 """
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ def main(argv=None) -> int:
         from benchmarks import bench_xhat_modes
 
         bench_xhat_modes.main(rest)
+    elif command == "gpu-check":
+        from benchmarks import gpu_check
+
+        return gpu_check.main(rest)
     elif command == "gradient-signal":
         from benchmarks import gradient_signal
 
