@@ -151,4 +151,4 @@ class CheckedReward:
 
 
 # The model rewards, each in its own module; importing them only registers them (transformers loads on first use).
-from fastdag.rewards import hpsv2, imagereward, laion_aesthetic, pickscore  # noqa: E402,F401
+from fastdag.rewards import hpsv2, imagereward, laion_aesthetic, pickscore, remote  # noqa: E402,F401
