@@ -16,7 +16,7 @@ HEAD = Path(__file__).resolve().parents[1] / "assets" / "laion_aesthetic_head.sa
 
 @register_reward("laion_aesthetic")
 class LaionAesthetic:
-    """LAION aesthetic predictor v1: CLIP ViT-L/14 image embedding -> linear MLP head (score ~1-10)."""
+    """LAION improved aesthetic predictor: CLIP ViT-L/14 image embedding -> sac+logos+ava1 linear head (~1-10)."""
 
     def __init__(self, model: str = "openai/clip-vit-large-patch14", head: Optional[str] = None,
                  device: str = "auto", revision: Optional[str] = None):

@@ -13,9 +13,10 @@ from fastdag.config import ConfigError
 
 
 def reward_device(device: str) -> torch.device:
-    """``auto``: the first GPU if there is one, else the CPU; otherwise a torch device string."""
+    """``auto``: this process's GPU if there is one (the trainer sets it per local rank first), else the CPU;
+    otherwise a torch device string."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     try:
         return torch.device(device)
     except RuntimeError as e:
