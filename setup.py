@@ -26,7 +26,9 @@ setup(
     extras_require={
         "kernels": ["triton>=3.6,<3.10"],
         "gpu": ["triton>=3.6,<3.10", "xformers>=0.0.35", "bitsandbytes>=0.50,<0.51", "nvidia-ml-py>=13"],
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "triton>=3.6,<3.10"],
+        # logging.tracker; tensorboard 2.21 tested (tests/test_tracking.py), wandb's offline mode not tested here
+        "tracking": ["tensorboard>=2.21,<2.22", "wandb>=0.31,<0.32"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "triton>=3.6,<3.10", "tensorboard>=2.21,<2.22"],
     },
     entry_points={"console_scripts": ["fastdag=fastdag.cli:main"]},
 )

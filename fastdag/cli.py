@@ -139,6 +139,16 @@ def prompts_main(argv: list[str]) -> int:
     return 0
 
 
+def serve_reward_main(argv: list[str]) -> int:
+    from fastdag.rewards.remote import main as serve_main
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return serve_main(argv)
+    except ConfigError as e:
+        return _fail(str(e))
+
+
 def toy_main(argv: list[str]) -> int:
     if not argv or argv[0] != "pretrain":
         print("usage: fastdag toy pretrain --out DIR [...]  (pretrain the shapes-world model; --help for options)",
@@ -154,6 +164,7 @@ COMMANDS = {
     "profile": (profile_main, "time one epoch of a config by phase: fastdag profile --config X [key=value ...]"),
     "rewards": (rewards_main, "list the registered rewards and metrics"),
     "prompts": (prompts_main, "list the named prompt sets"),
+    "serve-reward": (serve_reward_main, "serve a reward over HTTP for reward.name=remote: fastdag serve-reward NAME"),
     "toy": (toy_main, "the embedded default's recipes: fastdag toy pretrain --out DIR"),
 }
 

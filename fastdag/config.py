@@ -328,6 +328,11 @@ class LoggingConfig:
     run_name: Optional[str] = _f(None, "Run directory name; None = <timestamp>-<algorithm>.")
     grid_size: int = _f(8, "Images in each epoch's sample grid (0 disables grids).")
     progress: bool = _f(True, "Show progress bars.")
+    tracker: Literal["none", "tensorboard", "wandb"] = _f(
+        "none",
+        "Also send the config, metrics rows and sample grids to tensorboard (<run>/tensorboard) or wandb "
+        "(WANDB_MODE=offline needs no network); both in the `tracking` extra.",
+    )
 
 
 @dataclass

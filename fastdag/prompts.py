@@ -36,6 +36,42 @@ NAMED_SETS["shapes"] = _shapes("train")
 NAMED_SETS["shapes-heldout"] = _shapes("heldout")
 
 
+# The paper's prompt sets, shipped in fastdag/assets/prompts from their public files. DrawBench and HPDv2 keep the
+# official code's split: DrawBench without Misspellings and Rare Words, the first two prompts of each remaining
+# category held out; HPDv2 photo + paintings, the first ten of each held out.
+PROMPTS_DIR = Path(__file__).parent / "assets" / "prompts"
+DRAWBENCH_DROPPED = ("Misspellings", "Rare Words")
+
+
+def _drawbench(heldout: bool) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    with (PROMPTS_DIR / "drawbench.csv").open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if row["Category"] in DRAWBENCH_DROPPED:
+                continue
+            seen[row["Category"]] = seen.get(row["Category"], 0) + 1
+            if (seen[row["Category"]] <= 2) == heldout:
+                out.append(row["Prompts"].strip())
+    return out
+
+
+def _hpdv2(heldout: bool) -> list[str]:
+    out = []
+    for style in ("photo", "paintings"):
+        prompts = json.loads((PROMPTS_DIR / f"hpdv2_benchmark_{style}.json").read_text(encoding="utf-8"))
+        out += [p.strip() for p in (prompts[:10] if heldout else prompts[10:])]
+    return out
+
+
+NAMED_SETS["simple_animals"] = lambda: _read_txt(PROMPTS_DIR / "simple_animals.txt")
+NAMED_SETS["imagenet_classes"] = lambda: _read_txt(PROMPTS_DIR / "imagenet_classes.txt")
+NAMED_SETS["drawbench"] = lambda: _drawbench(heldout=False)
+NAMED_SETS["drawbench-heldout"] = lambda: _drawbench(heldout=True)
+NAMED_SETS["hpdv2"] = lambda: _hpdv2(heldout=False)
+NAMED_SETS["hpdv2-heldout"] = lambda: _hpdv2(heldout=True)
+
+
 def register_prompt_set(name: str, loader: Callable[[], list[str]]) -> None:
     NAMED_SETS[name] = loader
 

@@ -29,6 +29,7 @@ from fastdag.outputs import MetricsLog, make_run_dir, save_sample_grid
 from fastdag.prompts import PromptSampler, load_prompts
 from fastdag.rewards import CheckedReward, build_reward
 from fastdag.profiling import PhaseTimer
+from fastdag.tracking import build_tracker
 from fastdag.rollout import OverlappedScorer, Trajectories, rollout_batch, score_latents, score_rollout, xhat0
 import kernels
 
@@ -290,6 +291,7 @@ class Trainer:
         if self.main:
             (run_dir / "samples").mkdir(exist_ok=True)
             metrics_log.rewrite(self.rows)  # rows past the checkpoint (written before a crash) are dropped
+        tracker = build_tracker(cfg.logging.tracker if self.main else "none", run_dir, config_to_dict(cfg))
         if self.evaluator is not None and "before" not in self.evaluations:
             self.evaluations["before"] = self.evaluator()
             log.info("base model on %s: %s", cfg.eval.prompts, _fmt(self.evaluations["before"].scores))
@@ -321,7 +323,9 @@ class Trainer:
                     k = min(cfg.logging.grid_size, len(trajs))
                     save_sample_grid(run_dir / "samples" / f"epoch-{epoch + 1:04d}.png", trajs.images[:k],
                                      trajs.prompts[:k], trajs.rewards[:k])
+                    tracker.log_image("samples", run_dir / "samples" / f"epoch-{epoch + 1:04d}.png", epoch + 1)
                 metrics_log.write(row)
+                tracker.log_row(row, epoch + 1)
             epochs.set_postfix(reward=f"{row['reward_mean']:.4g}", loss=f"{row.get('loss', float('nan')):.4g}")
             last = epoch + 1 == cfg.train.epochs
             every = cfg.checkpoint.every_n_epochs
@@ -335,6 +339,7 @@ class Trainer:
                                   self.evaluations.get("after"), self.evaluator,
                                   f"fastdag: {cfg.dag.algorithm} on {cfg.model.pretrained} with {cfg.reward.name}")
             log.info("report: %s", report)
+        tracker.close()
         return self.rows
 
     # ----- checkpoints ---------------------------------------------------------------------------------------

@@ -148,3 +148,7 @@ class CheckedReward:
                 raise RewardError(f"reward {self.name!r} returned non-finite values {bad}")
             out.append(r)
         return torch.cat(out)
+
+
+# The model rewards, each in its own module; importing them only registers them (transformers loads on first use).
+from fastdag.rewards import hpsv2, imagereward, laion_aesthetic, pickscore, remote  # noqa: E402,F401

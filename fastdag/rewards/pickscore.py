@@ -1,0 +1,38 @@
+"""PickScore (Kirstain et al. 2023): a CLIP ViT-H/14 fine-tuned on Pick-a-Pic preferences, used as published
+through transformers' ``CLIPModel``. Score = ``logit_scale.exp()`` x cosine(image, prompt) (~18-23)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from fastdag.rewards import register_reward
+from fastdag.rewards.loading import from_pretrained, pooled, reward_device
+from fastdag.rewards.preprocess import clip_pixels
+
+
+@register_reward("pickscore")
+class PickScore:
+    """PickScore v1: CLIP ViT-H/14 preference model, logit_scale x cosine(image, prompt)."""
+
+    def __init__(self, model: str = "yuvalkirstain/PickScore_v1",
+                 tokenizer: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", device: str = "auto",
+                 revision: Optional[str] = None):
+        from transformers import AutoTokenizer, CLIPModel
+
+        self.device = reward_device(device)
+        self.model = from_pretrained(CLIPModel, model, "reward.kwargs.model", revision=revision,
+                                     dtype=torch.float32).to(self.device).eval().requires_grad_(False)
+        self.tokenizer = from_pretrained(AutoTokenizer, tokenizer, "reward.kwargs.tokenizer")
+        self.size = self.model.config.vision_config.image_size
+        self.max_length = self.model.config.text_config.max_position_embeddings
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        img = pooled(self.model.get_image_features(pixel_values=clip_pixels(images, self.size, self.device)))
+        tok = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt").to(self.device)
+        txt = pooled(self.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask))
+        img = img / img.norm(dim=-1, keepdim=True)
+        txt = txt / txt.norm(dim=-1, keepdim=True)
+        return (self.model.logit_scale.exp() * (img * txt).sum(-1)).float().cpu()
