@@ -42,10 +42,14 @@ FIELDS = ("timestamp", "git_revision", "hardware", "driver", "torch_version", "t
           "deepspeed_version", "run_id", "stage", "status", "metric", "value", "unit", "note")
 MARK = "GPU_CHECK_RESULT "
 BUDGET_SECONDS = 480  # the whole check, end to end (a lent machine's lease is 15 minutes, start-up included)
-# What the GPU image lacks (DESIGN.md §6), as pip requirements; built or downloaded by --prepare-wheels.
-CARRIED = ["diffusers>=0.42,<0.43", "deepspeed>=0.19,<0.20", "hjson", "ninja", "py-cpuinfo", "msgpack",
-           "bitsandbytes>=0.50,<0.51", "nvidia-ml-py>=13"]
-IMPORTS = {"diffusers": "diffusers", "deepspeed": "deepspeed", "bitsandbytes": "bitsandbytes", "pynvml": "nvidia-ml-py"}
+# What the GPU image lacks (DESIGN.md §6; the device tool's KINDS.md lists what it has), with the requirements of
+# these that it lacks too; fetched or built by --prepare-wheels, installed with --no-deps before the stages run.
+CARRIED = ["diffusers>=0.42,<0.43", "deepspeed>=0.19,<0.20", "hjson", "importlib_metadata", "pydantic>=2,<3",
+           "pydantic-core", "annotated-types", "typing-inspection"]
+# 43 MB: with the rest and the repository it passes the 64 MiB a device call carries, so only on request
+OPTIONAL = ["bitsandbytes>=0.50,<0.51"]
+IMPORTS = ("diffusers", "deepspeed", "bitsandbytes", "pynvml")
+SITE = Path(tempfile.gettempdir()) / "fastdag-gpu-check-site"
 
 SIZES = {
     "sd15": ["model.pretrained=sd15-random", "model.dtype=bfloat16", "sample.num_steps=50", "sample.batch_size=8",
@@ -137,26 +141,33 @@ def _throughput_stage(preset: str) -> None:
             emit(f"{mode}.{key}", value)
 
 
+def install_carried() -> str:
+    """pip-install the wheels carried in .whl/ into a side directory (--no-deps, as the device tool advises: the
+    image's own packages stay as they are) and put it on the path of this process and its stage children."""
+    wheels = sorted(str(p) for p in WHEELS.glob("*.whl")) if WHEELS.is_dir() else []
+    if not wheels:
+        return "no .whl/ carried"
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                          "--upgrade", "--target", str(SITE), *wheels], capture_output=True, text=True)
+    if res.returncode != 0:
+        return "pip failed: " + (res.stderr.strip().splitlines() or [""])[-1][:200]
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(SITE), os.environ.get("PYTHONPATH")) if p)
+    sys.path.insert(0, str(SITE))
+    return f"{len(wheels)} wheels installed"
+
+
 def _install_stage() -> None:
-    for module, requirement in IMPORTS.items():
+    """What imports after the carried wheels were installed: a stage whose module is missing skips with this."""
+    for module in IMPORTS:
         try:
             __import__(module)
             emit(f"have_{module}", True)
-            continue
-        except ImportError:
-            pass
-        if not WHEELS.is_dir():
-            emit(f"have_{module}", False, note="not installed and no .whl/ carried", status="skipped")
-            continue
-        res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(WHEELS),
-                              requirement.split(">")[0].split("=")[0]], capture_output=True, text=True)
-        ok = res.returncode == 0
-        emit(f"have_{module}", ok, note="" if ok else (res.stderr.strip().splitlines() or [""])[-1][:200],
-             status="ok" if ok else "skipped")
+        except Exception as e:  # ImportError, or a build that fails on this machine
+            emit(f"have_{module}", False, note=f"{type(e).__name__}: {str(e)[:120]}", status="skipped")
 
 
 STAGES: dict[str, tuple[Callable[[str], None], int, str]] = {
-    "install": (lambda preset: _install_stage(), 45, "install the carried wheels the image lacks"),
+    "install": (lambda preset: _install_stage(), 45, "which packages import after the carried wheels"),
     "kernels": (lambda preset: _kernels_stage(), 90, "kernel tests on compiled Triton"),
     "db": (lambda preset: _epoch_stage(preset, ["dag.algorithm=db", "engine.backend=deepspeed",
                                                  "engine.zero_stage=2"]), 75, "DAG-DB epoch, bf16, ZeRO-2"),
@@ -249,12 +260,14 @@ def write_summary(path: Path, env: dict[str, str], results: list[tuple[str, str,
     path.write_text("\n".join(lines) + "\n")
 
 
-def prepare_wheels() -> int:
-    """Download (or build) the carried wheels for the GPU image: Python 3.12, manylinux x86-64."""
+def prepare_wheels(optional: bool) -> int:
+    """Download (or build) the carried wheels for the GPU image: CPython 3.12, manylinux x86-64."""
     WHEELS.mkdir(exist_ok=True)
-    for requirement in CARRIED:
+    platforms = [a for tag in ("manylinux_2_28", "manylinux_2_24", "manylinux_2_17", "manylinux2014")
+                 for a in ("--platform", f"{tag}_x86_64")]
+    for requirement in CARRIED + (OPTIONAL if optional else []):
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(WHEELS), "--only-binary=:all:",
-               "--python-version", "3.12", "--platform", "manylinux2014_x86_64", requirement]
+               "--python-version", "3.12", "--implementation", "cp", *platforms, requirement]
         if subprocess.run(cmd).returncode != 0:  # sdist-only packages (deepspeed): a pure-Python wheel built here
             subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                             str(WHEELS), requirement])
@@ -268,6 +281,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks gpu-check", description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="print the plan and its sizes; needs no GPU")
     p.add_argument("--prepare-wheels", action="store_true", help="fill .whl/ with the wheels the GPU image lacks")
+    p.add_argument("--with-bitsandbytes", action="store_true", help="--prepare-wheels: bitsandbytes too (43 MB)")
     p.add_argument("--preset", choices=sorted(SIZES), default="sd15", help="model size (tiny: a quick check)")
     p.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES), help="stages to run")
     p.add_argument("--stage", choices=list(STAGES), help=argparse.SUPPRESS)  # a child process runs one stage
@@ -276,7 +290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         STAGES[args.stage][0](args.preset)
         return 0
     if args.prepare_wheels:
-        return prepare_wheels()
+        return prepare_wheels(args.with_bitsandbytes)
     if args.dry_run:
         print("\n".join(plan(args.preset, args.stages)))
         return 0
@@ -287,6 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return 2
     print("\n".join(plan(args.preset, args.stages)), flush=True)
+    print(f"gpu-check: carried wheels: {install_carried()}", flush=True)
     results, start = [], time.perf_counter()
     for name in args.stages:
         if time.perf_counter() - start + STAGES[name][1] > BUDGET_SECONDS:  # the lease is short: never overrun it
