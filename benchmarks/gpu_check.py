@@ -134,7 +134,7 @@ def _kernels_stage() -> None:
 def _throughput_stage(preset: str) -> None:
     from benchmarks import throughput
 
-    summary = throughput.main([preset, "--epochs", "1", "--repeat", "3",
+    summary = throughput.main([preset, "--epochs", "1", "--repeat", "2", "--graph-batches", "1", "8",
                                "--results", str(harness.RESULTS_DIR / "throughput.csv")])
     for mode, values in summary.items():
         for key, value in values.items():
@@ -167,15 +167,15 @@ def _install_stage() -> None:
 
 
 STAGES: dict[str, tuple[Callable[[str], None], int, str]] = {
-    "install": (lambda preset: _install_stage(), 45, "which packages import after the carried wheels"),
-    "kernels": (lambda preset: _kernels_stage(), 90, "kernel tests on compiled Triton"),
+    "install": (lambda preset: _install_stage(), 15, "which packages import after the carried wheels"),
+    "kernels": (lambda preset: _kernels_stage(), 60, "kernel tests on compiled Triton"),
     "db": (lambda preset: _epoch_stage(preset, ["dag.algorithm=db", "engine.backend=deepspeed",
-                                                 "engine.zero_stage=2"]), 75, "DAG-DB epoch, bf16, ZeRO-2"),
+                                                 "engine.zero_stage=2"]), 90, "DAG-DB epoch, bf16, ZeRO-2"),
     "kl": (lambda preset: _epoch_stage(preset, ["dag.algorithm=kl", "engine.backend=deepspeed",
-                                                 "engine.zero_stage=2"]), 75, "DAG-KL epoch, bf16, ZeRO-2"),
-    "attention": (_attention_stage, 45, "rollout with SDPA vs xformers"),
-    "adamw8bit": (_adamw8bit_stage, 30, "epoch with bitsandbytes AdamW8bit"),
-    "throughput": (_throughput_stage, 120, "throughput suite rows, CUDA graphs on/off"),
+                                                 "engine.zero_stage=2"]), 90, "DAG-KL epoch, bf16, ZeRO-2"),
+    "attention": (_attention_stage, 30, "rollout with SDPA vs xformers"),
+    "adamw8bit": (_adamw8bit_stage, 15, "epoch with bitsandbytes AdamW8bit"),
+    "throughput": (_throughput_stage, 180, "throughput suite rows, CUDA graphs on/off"),
 }
 
 
