@@ -91,7 +91,7 @@ def db_loss(
     return fn(log_flow_t, log_flow_prev, log_pf, log_pb)
 
 
-def rloo_advantages(a: torch.Tensor, adv_clip: float, normaliser: str = "official", backend: Backend = "auto") -> torch.Tensor:
+def rloo_advantages(a: torch.Tensor, adv_clip: float, backend: Backend = "auto", normaliser: str = "official") -> torch.Tensor:
     """:func:`kernels.db_residual.rloo_advantages_reference` or its Triton twin: A [B] fp32, no gradient."""
     fn = rloo_advantages_triton if resolve_backend(backend, a.device) == "triton" else rloo_advantages_reference
     return fn(a, adv_clip, normaliser)

@@ -214,7 +214,7 @@ def test_timesteps_per_micro_step_gives_the_same_training(tmp_path, algorithm):
     for k in (1, 4):
         # The compact flow's zero-initialised head: with the official one (random init) log F is non-zero from the
         # first step, and DAG-KL's 1e-4 ratio clip and Adam's normalised steps turn the batchings' 1e-7 rounding
-        # differences into up to 2.5e-5 on a dozen near-zero-gradient weights (of 190k), past this test's 1e-6.
+        # differences into up to 2.5e-5 on a dozen near-zero-gradient weights (of 190k).
         trainer = Trainer(tiny_cfg(tmp_path, f"dag.algorithm={algorithm}", f"train.timesteps_per_micro_step={k}",
                                    "train.epochs=2", "reward.name=brightness", "checkpoint.save_final=false",
                                    "logging.grid_size=0", f"logging.run_name=k{k}", "dag.flow.architecture=compact"))
@@ -228,7 +228,10 @@ def test_timesteps_per_micro_step_gives_the_same_training(tmp_path, algorithm):
     for a, b in zip(out[1][0], out[4][0]):
         for key in ("loss", "reward_mean"):  # DDPO's loss is a mean of normalised advantages: ~0 ± 1e-6
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
-    torch.testing.assert_close(out[4][1], out[1][1], rtol=1e-4, atol=1e-6)
+    # Adam's normalised steps turn 1e-7 rounding differences of the batchings into up to a few 1e-6 on the odd
+    # weight whose gradient is near zero; a real difference (other transitions) moves most weights by ~lr (3e-4).
+    diff = (out[4][1] - out[1][1]).abs()
+    assert diff.max() < 1e-5 and (diff > 1e-6).float().mean() < 1e-4, (diff.max(), (diff > 1e-6).sum())
 
 
 def test_timesteps_per_micro_step_must_divide_the_trained_steps(tmp_path):
