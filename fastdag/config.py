@@ -82,6 +82,11 @@ class SampleConfig:
         8, "Trajectories per rollout batch, over all processes (each of N processes denoises batch_size / N)."
     )
     num_batches_per_epoch: int = _f(4, "Rollout batches per epoch (trajectories per epoch = batch_size x this).")
+    group_size: int = _f(
+        1,
+        "Trajectories per prompt in each rollout batch (flow_grpo's num_image_per_prompt): batch_size / group_size "
+        "prompts are drawn and each is sampled group_size times with its own noise. GRPO needs >= 2.",
+    )
     negative_prompt: str = _f("", "Prompt for the unconditional half of the CFG batch.")
     cuda_graphs: bool = _f(
         False,
@@ -94,6 +99,8 @@ class SampleConfig:
         _check(self.eta >= 0, "sample.eta", f"must be >= 0, got {self.eta}")
         _check(self.batch_size >= 1, "sample.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.num_batches_per_epoch >= 1, "sample.num_batches_per_epoch", "must be >= 1")
+        _check(self.group_size >= 1 and self.batch_size % self.group_size == 0, "sample.group_size",
+               f"must be >= 1 and divide sample.batch_size {self.batch_size}, got {self.group_size}")
 
 
 @dataclass
@@ -178,8 +185,11 @@ class FlowConfig:
 
 @dataclass
 class DagConfig:
-    algorithm: Literal["db", "kl", "ddpo"] = _f(
-        "db", "Objective: db (DAG-DB, Eq. 8), kl (DAG-KL, Eq. 14) or ddpo (the DDPO baseline)."
+    algorithm: Literal["db", "kl", "ddpo", "grpo"] = _f(
+        "db",
+        "Objective: db (DAG-DB, Eq. 8), kl (DAG-KL, Eq. 14), or a baseline: ddpo (DDPO, ddpo-pytorch) or grpo "
+        "(flow_grpo / DanceGRPO on the DDIM-SDE sampler: group advantages over sample.group_size trajectories per "
+        "prompt, PPO-clipped ratio, optional KL to the base model).",
     )
     beta: float = _f(100.0, "Final reward exponent beta: log R = beta * r (paper: 100).")
     beta_schedule: Literal["linear", "constant"] = _f(
@@ -236,10 +246,31 @@ class DagConfig:
         "(scripts/train_gfn.py): sqrt of the mean over j != i of (a_j - b_j)^2; loo_std: the unbiased std of the "
         "others' a_j (fastdag's first choice; 6-10% larger advantages at B = 8, up to 49% at B = 4).",
     )
+    ddpo_advantages: Literal["per_prompt", "epoch"] = _f(
+        "per_prompt",
+        "DDPO: per_prompt (ddpo-pytorch's default: each prompt's rewards normalised by a buffer of its last "
+        "stat_buffer rewards, kept across epochs; by the whole batch until it holds stat_min_count) or epoch "
+        "(the whole epoch's mean and std).",
+    )
+    stat_buffer: int = _f(16, "DDPO per_prompt: rewards kept per prompt (ddpo-pytorch: 16).")
+    stat_min_count: int = _f(16, "DDPO per_prompt: rewards a prompt needs before its own statistics are used (16).")
+    grpo_std: Literal["group", "global", "none"] = _f(
+        "group",
+        "GRPO: divide each group's centred rewards by the group's std (group), the epoch's (global, flow_grpo's "
+        "global_std) or nothing (none).",
+    )
+    grpo_kl_coef: float = _f(
+        0.0,
+        "GRPO: coefficient of the KL to the base model (LoRA off), mean((μ_θ − μ_ref)²) / (2σ²) per transition as "
+        "flow_grpo (its configs: 0.04); 0 disables it and its extra forward.",
+    )
     flow: FlowConfig = field(default_factory=FlowConfig)
 
     def __post_init__(self) -> None:
         _check(self.beta >= 0, "dag.beta", f"must be >= 0, got {self.beta}")
+        _check(self.stat_buffer >= 1, "dag.stat_buffer", f"must be >= 1, got {self.stat_buffer}")
+        _check(self.stat_min_count >= 1, "dag.stat_min_count", f"must be >= 1, got {self.stat_min_count}")
+        _check(self.grpo_kl_coef >= 0, "dag.grpo_kl_coef", f"must be >= 0, got {self.grpo_kl_coef}")
         _check(0 < self.anneal_fraction <= 1, "dag.anneal_fraction", "must be in (0, 1]")
         _check(self.ratio_clip > 0, "dag.ratio_clip", "must be > 0")
         _check(self.adv_clip > 0, "dag.adv_clip", "must be > 0")
@@ -371,6 +402,11 @@ class Config:
             "train.timesteps_per_micro_step",
             f"{k} does not divide the {self.trained_timesteps} trained timesteps (sample.num_steps x "
             f"train.timestep_fraction)",
+        )
+        _check(
+            self.dag.algorithm != "grpo" or self.sample.group_size >= 2,
+            "sample.group_size",
+            f"GRPO compares the trajectories of a prompt's group: needs >= 2, got {self.sample.group_size}",
         )
         _check(
             self.dag.algorithm != "kl" or self.train.batch_size >= 3,

@@ -230,6 +230,20 @@ class DiffusionModel:
         capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=not capturing)
 
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        """The base model: every LoRA layer of the UNet off inside the block (GRPO's KL reference)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+
     def load_xhat_decoder(self, path: str) -> None:
         """A cheaper decoder for intermediate x̂_0 states: a diffusers ``AutoencoderTiny`` directory (TAESD)."""
         if not self.conditional:

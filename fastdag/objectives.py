@@ -33,6 +33,8 @@ class TransitionTerms:
     advantages: Optional[torch.Tensor] = None  # DDPO: per-trajectory advantages
     groups: int = 1  # the B transitions are `groups` equal blocks, one per timestep (DAG-KL's RLOO runs per block)
     weights: Optional[torch.Tensor] = None  # [B] per-transition loss weights (dag.step_weighting); None: uniform
+    eps_ref: Optional[torch.Tensor] = None  # [B, C, H, W] GRPO's KL: the base model's (LoRA off) CFG output
+    kl_scale: Optional[torch.Tensor] = None  # [B] (∂μ/∂o / σ_t)² / 2: KL per unit squared output difference
 
 
 def beta_at(epoch: int, cfg: DagConfig, epochs: int) -> float:
@@ -137,17 +139,30 @@ class DDPO:
     def __init__(self, ratio_clip: float, adv_clip: float):
         self.ratio_clip, self.adv_clip = ratio_clip, adv_clip
 
-    @staticmethod
-    def advantages(rewards: torch.Tensor, population: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Epoch-level normalised rewards [N] -> advantages [N], normalised by the mean and std of ``population``
-        (data-parallel: the whole epoch's rewards over all processes; default: ``rewards`` itself)."""
-        population = rewards if population is None else population
-        return (rewards - population.mean()) / (population.std() + 1e-8)
-
     def __call__(self, terms: TransitionTerms) -> tuple[torch.Tensor, Metrics]:
         adv = terms.advantages.clamp(-self.adv_clip, self.adv_clip)
         loss, metrics = ppo_clipped_loss(terms.log_pf, terms.log_pf_old, adv, self.ratio_clip, terms.weights)
         return loss, {"loss": loss.detach(), "ppo_loss": loss.detach(), **metrics}
+
+
+class GRPO(DDPO):
+    """GRPO as flow_grpo / DanceGRPO run it on a stochastic sampler: DDPO's PPO-clipped loss on group advantages
+    (:func:`fastdag.advantages.group_advantages`) plus ``kl_coef`` × KL(p_θ ‖ p_ref) per transition, p_ref the base
+    model: both Gaussians share σ_t, so KL = mean((μ_θ − μ_ref)²) / (2σ_t²), and μ is linear in the model output o
+    (x̂_0's clip aside), so μ_θ − μ_ref = (∂μ/∂o)(o_θ − o_ref) and KL = kl_scale · mean((o_θ − o_ref)²)."""
+
+    def __init__(self, ratio_clip: float, adv_clip: float, kl_coef: float = 0.0):
+        super().__init__(ratio_clip, adv_clip)
+        self.kl_coef = kl_coef
+
+    def __call__(self, terms: TransitionTerms) -> tuple[torch.Tensor, Metrics]:
+        loss, metrics = super().__call__(terms)
+        if self.kl_coef == 0:
+            return loss, metrics
+        sq = ((terms.eps.float() - terms.eps_ref.float()) ** 2).flatten(1).mean(dim=1)
+        kl = (terms.kl_scale * sq).mean()
+        loss = loss + self.kl_coef * kl
+        return loss, {**metrics, "loss": loss.detach(), "kl_ref": kl.detach()}
 
 
 def build_objective(cfg: DagConfig, backend: str = "reference",
@@ -159,4 +174,6 @@ def build_objective(cfg: DagConfig, backend: str = "reference",
     if cfg.algorithm == "kl":
         return DagKL(cfg.kl_coefficient, cfg.ratio_clip, cfg.adv_clip, cfg.prox_coef, backend,
                      gather if cfg.rloo_scope == "global" else None, cfg.rloo_normaliser)
+    if cfg.algorithm == "grpo":
+        return GRPO(cfg.ratio_clip, cfg.adv_clip, cfg.grpo_kl_coef)
     return DDPO(cfg.ratio_clip, cfg.adv_clip)

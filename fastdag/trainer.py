@@ -24,7 +24,8 @@ from fastdag.engine import build_engine, check_engine
 from fastdag.evaluation import Evaluation, Evaluator, write_report
 from fastdag.flow import FlowNetwork
 from fastdag.models import build_model, ddim_step_schedule, resolve_device, step_weights
-from fastdag.objectives import DDPO, TransitionTerms, beta_at, build_objective
+from fastdag.advantages import PerPromptStatTracker, epoch_normalised, group_advantages
+from fastdag.objectives import DDPO, GRPO, TransitionTerms, beta_at, build_objective
 from fastdag.outputs import MetricsLog, make_run_dir, save_sample_grid
 from fastdag.prompts import PromptSampler, load_prompts
 from fastdag.rewards import CheckedReward, build_reward
@@ -97,6 +98,12 @@ class Trainer:
         self.beta_horizon = cfg.train.epochs
         self.rows: list[dict[str, Any]] = []  # the metrics rows so far (checkpointed)
         self._plan: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
+        self._epoch_prompts: list[str] = []  # the epoch's prompts over all processes, in global trajectory order
+        # DDPO's per-prompt reward buffers persist across epochs (checkpointed)
+        self.stat_tracker = PerPromptStatTracker(cfg.dag.stat_buffer, cfg.dag.stat_min_count)
+        # GRPO's KL to the base model: KL per unit squared output difference at each step, (∂μ/∂o / σ_t)² / 2
+        kl_scale = self.schedule.score_scale(cfg.sample.eta, self.model.prediction_type) ** 2 / 2
+        self.kl_scale = torch.nan_to_num(kl_scale, nan=0.0)  # deterministic steps (σ = 0) have no KL term
 
     @property
     def main(self) -> bool:
@@ -140,8 +147,15 @@ class Trainer:
             mask.scatter_(1, steps + 1, True)
         return mask[:, :num_steps]
 
+    def draw_prompts(self, n: int) -> list[str]:
+        """A rollout batch's n prompts over all processes: n / G prompts, each G times in a row (G =
+        ``sample.group_size``; GRPO's groups), every trajectory with its own noise."""
+        g = self.cfg.sample.group_size
+        return [p for p in self.prompts.sample(n // g) for _ in range(g)]
+
     def sample_epoch(self) -> Trajectories:
         cfg, T = self.cfg, self.schedule.num_steps
+        self._epoch_prompts = []
         self.model.unet.eval()
         n = self.shard.trajectories
         self._plan = self.draw_plan(n, T)
@@ -154,7 +168,9 @@ class Trainer:
         try:
             with self.timer.stage("rollout"):
                 for k in range(cfg.sample.num_batches_per_epoch):
-                    prompts = self.prompts.sample(cfg.sample.batch_size)[rank::world]
+                    everyone = self.draw_prompts(cfg.sample.batch_size)
+                    self._epoch_prompts += everyone
+                    prompts = everyone[rank::world]
                     rollout = rollout_batch(
                         self.model, self.schedule, prompts, guidance_scale=cfg.sample.guidance_scale,
                         eta=cfg.sample.eta, reduce=cfg.dag.reduce, uncond=self.uncond, step_fn=self.ddim_step,
@@ -198,6 +214,10 @@ class Trainer:
             eps_old=trajs.eps[idx, steps], advantages=advantages,
             weights=None if self.step_weights is None else self.step_weights[steps],
         )
+        if isinstance(self.objective, GRPO) and self.objective.kl_coef > 0:
+            with torch.no_grad(), self.model.adapters_disabled():
+                terms.eps_ref, _ = self.model.predict_eps(x_t, t, cond, self.uncond, cfg.sample.guidance_scale)
+            terms.kl_scale = self.kl_scale[steps]
         if self.flow is None:
             return terms
         terminal = steps == T - 1
@@ -229,6 +249,20 @@ class Trainer:
         with self.timer.phase("step"):
             return self.objective(terms)
 
+    def trajectory_advantages(self, trajs: Trajectories) -> torch.Tensor:
+        """DDPO's or GRPO's advantages [n] of this process's trajectories, computed from the whole epoch's rewards
+        and prompts over all processes (every process computes the same, then keeps its rows)."""
+        dag = self.cfg.dag
+        rewards = distributed.gather_trajectory_values(trajs.rewards).cpu()  # [N], global order
+        if dag.algorithm == "grpo":
+            advantages = group_advantages(self._epoch_prompts, rewards, dag.grpo_std)
+        elif dag.ddpo_advantages == "per_prompt":
+            advantages = self.stat_tracker.update(self._epoch_prompts, rewards)
+        else:
+            advantages = epoch_normalised(rewards)
+        # global trajectory rank + world * i is this process's trajectory i
+        return advantages[self.world.rank :: self.world.size].to(self.device)
+
     def train_epoch(self, trajs: Trajectories, beta: float, progress: Optional[tqdm] = None) -> dict[str, float]:
         with self.timer.stage("update"):
             return self._train_epoch(trajs, beta, progress)
@@ -236,9 +270,7 @@ class Trainer:
     def _train_epoch(self, trajs: Trajectories, beta: float, progress: Optional[tqdm]) -> dict[str, float]:
         n, T = len(trajs), trajs.num_steps
         self.model.unet.train()
-        advantages = None
-        if isinstance(self.objective, DDPO):  # normalised over the whole epoch, on all processes
-            advantages = DDPO.advantages(trajs.rewards, distributed.gather_trajectory_values(trajs.rewards))
+        advantages = self.trajectory_advantages(trajs) if isinstance(self.objective, DDPO) else None
         sums: dict[str, torch.Tensor] = {}
         count = 0
         # The plan drawn at rollout time (it decided which x̂_0 states were scored), or a fresh one.
@@ -387,6 +419,7 @@ class Trainer:
         trainer_state = {
             "epoch": self.epoch, "beta_horizon": self.beta_horizon, "metrics": self.rows,
             "evaluations": {k: _pack_evaluation(v) for k, v in self.evaluations.items()},
+            "stat_tracker": self.stat_tracker.state_dict(),
             "config": config_to_dict(self.cfg), "world_size": self.world.size,
         }
 
@@ -422,6 +455,7 @@ class Trainer:
         self.epoch, self.beta_horizon = trainer_state["epoch"], trainer_state["beta_horizon"]
         self.rows = list(trainer_state["metrics"])
         self.evaluations = {k: _unpack_evaluation(v) for k, v in trainer_state["evaluations"].items()}
+        self.stat_tracker.load_state_dict(trainer_state.get("stat_tracker", {}))
         log.info("resumed from %s after epoch %d of %d", directory, self.epoch, self.cfg.train.epochs)
 
 
