@@ -86,9 +86,8 @@ class GroupClipper:
                 torch._foreach_mul_(grads, (self.max_norm / (norm + 1e-6)).clamp(max=1.0))
 
     def total(self) -> torch.Tensor:
-        """The pre-clip norm over all groups (what a joint clip would clip)."""
-        return torch.stack([n.float().cpu() for n in self.norms.values()]).pow(2).sum().sqrt() if self.norms \
-            else torch.zeros(())
+        """The pre-clip norm over all groups (what a joint clip would clip); on the device, no host sync."""
+        return torch.stack(list(self.norms.values())).pow(2).sum().sqrt() if self.norms else torch.zeros(())
 
 
 def make_optimizer(groups: list[dict], cfg: Config) -> torch.optim.Optimizer:
