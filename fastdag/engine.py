@@ -20,6 +20,7 @@ import torch
 
 from fastdag.config import Config, ConfigError
 from fastdag.distributed import Shard, World
+from fastdag.state_io import load_state, safe_torch_load, save_state
 
 T = TypeVar("T")
 
@@ -70,7 +71,7 @@ def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class TorchEngine:
-    STATE = "torch_engine.pt"
+    STATE = "torch_engine"  # torch_engine.json + torch_engine.safetensors (fastdag.state_io: no pickle)
 
     def __init__(self, module: torch.nn.Module, groups: list[dict], cfg: Config, accumulation: int):
         self.module = module
@@ -100,11 +101,12 @@ class TorchEngine:
     def save(self, directory: Path) -> None:
         """Single process (checked): one file with the trainable weights, the optimizer and the step count."""
         directory.mkdir(parents=True, exist_ok=True)
-        torch.save({"trainable": trainable_state(self.module), "optimizer": self.optimizer.state_dict(),
-                    "micro_steps": self.micro_steps, "grad_norm": self.grad_norm}, directory / self.STATE)
+        save_state(directory / self.STATE, {"trainable": trainable_state(self.module),
+                                             "optimizer": self.optimizer.state_dict(),
+                                             "micro_steps": self.micro_steps, "grad_norm": self.grad_norm})
 
     def load(self, directory: Path) -> None:
-        state = torch.load(directory / self.STATE, map_location="cpu", weights_only=False)
+        state = load_state(directory / self.STATE)
         params = dict(self.module.named_parameters())
         with torch.no_grad():
             for name, value in state["trainable"].items():
@@ -191,6 +193,8 @@ class DeepSpeedEngine:
                                     save_latest=False, exclude_frozen_parameters=True)
 
     def load(self, directory: Path) -> None:
+        # DeepSpeed's files are pickles, which it reads with weights_only=False: read them with the allow-list.
+        self.engine.checkpoint_engine.load = safe_torch_load
         path, client = self.engine.load_checkpoint(str(directory), tag=self.TAG, load_module_strict=False,
                                                    load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:

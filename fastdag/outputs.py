@@ -15,11 +15,17 @@ from PIL import Image, ImageDraw, ImageFont
 from fastdag.config import Config, save_config
 
 
-def make_run_dir(cfg: Config) -> Path:
+def make_run_dir(cfg: Config, write_config: bool = True) -> Path:
     name = cfg.logging.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.dag.algorithm}"
-    run_dir = Path(cfg.logging.output_dir) / name
+    run_dir = Path(cfg.logging.output_dir).expanduser() / name
+    if not cfg.logging.run_name:  # never into an earlier run's directory, even one started the same second
+        k = 1
+        while run_dir.exists():
+            k += 1
+            run_dir = run_dir.with_name(f"{name}-{k}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if write_config:
+        save_config(cfg, run_dir / "config.yaml")
     return run_dir
 
 

@@ -15,10 +15,10 @@ from tqdm.auto import tqdm
 
 from fastdag import distributed
 from fastdag.checkpoint import (
-    ENGINE_DIR, TRAINER_STATE, checkpoint_name, latest_checkpoint, prune_checkpoints, rank_file, read_checkpoint,
+    ENGINE_DIR, TRAINER_STATE, checkpoint_name, engine_meta, prune_checkpoints, rank_file, read_checkpoint,
     save_checkpoint, save_flow, weights_digest,
 )
-from fastdag.config import Config, ConfigError, config_to_dict
+from fastdag.config import Config, ConfigError, config_to_dict, save_config
 from fastdag.distributed import World
 from fastdag.engine import build_engine, check_engine
 from fastdag.evaluation import Evaluation, Evaluator, write_report
@@ -26,9 +26,11 @@ from fastdag.flow import FlowNetwork
 from fastdag.models import build_model, ddim_step_schedule, resolve_device, step_weights
 from fastdag.objectives import DDPO, TransitionTerms, beta_at, build_objective
 from fastdag.outputs import MetricsLog, make_run_dir, save_sample_grid
+from fastdag.preflight import check_run_dir, check_same_setup, choose_checkpoint, planned_run_dir
 from fastdag.prompts import PromptSampler, load_prompts
 from fastdag.rewards import CheckedReward, build_reward
 from fastdag.profiling import PhaseTimer
+from fastdag.state_io import save_state
 from fastdag.rollout import OverlappedScorer, Trajectories, rollout_batch, score_latents, score_rollout, xhat0
 import kernels
 
@@ -37,10 +39,6 @@ log = logging.getLogger(__name__)
 
 def _fmt(scores: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
-
-
-# Config sections a resumed run must share with its checkpoint (the weights and optimizer state depend on them).
-RESUME_MUST_MATCH = (("model", "pretrained"), ("lora",), ("dag", "algorithm"), ("dag", "flow"))
 
 
 class Trainer:
@@ -57,6 +55,7 @@ class Trainer:
         device = resolve_device(cfg.model.device)
         check_engine(cfg, device, self.world)
         self._check_resume(run_dir)
+        self._resume_checkpoint = self._preflight(run_dir)
         if device.type == "cuda" and device.index is None:
             torch.cuda.set_device(self.world.local_rank)  # one GPU per process on a node
         # Prompts and noise are drawn for the whole data-parallel batch from generators seeded alike on every
@@ -276,14 +275,16 @@ class Trainer:
     def fit(self) -> list[dict[str, Any]]:
         cfg = self.cfg
         if self.run_dir is None:  # rank 0 names and creates it; every process writes its checkpoint parts there
-            self.run_dir = Path(distributed.broadcast_object(str(make_run_dir(cfg)) if self.main else None))
+            made = str(make_run_dir(cfg, write_config=False)) if self.main else None
+            self.run_dir = Path(distributed.broadcast_object(made))
         run_dir = self.run_dir
         metrics_log = MetricsLog(run_dir / "metrics.jsonl")
-        # rank 0 picks the checkpoint, so every process resumes from the same one
-        checkpoint = distributed.broadcast_object(self._resume_from(run_dir) if self.main else None)
+        # rank 0's pick (checked in the constructor), so every process resumes from the same one
+        checkpoint = distributed.broadcast_object(self._resume_checkpoint if self.main else None)
         if checkpoint is not None:
             self.restore(checkpoint)
         if self.main:
+            save_config(cfg, run_dir / "config.yaml")  # after the resume is accepted: a refused one changes no file
             (run_dir / "samples").mkdir(exist_ok=True)
             metrics_log.rewrite(self.rows)  # rows past the checkpoint (written before a crash) are dropped
         if self.evaluator is not None and "before" not in self.evaluations:
@@ -343,16 +344,12 @@ class Trainer:
         if resume not in (None, "latest") and not Path(resume).is_dir():
             raise ConfigError(f"train.resume: {resume!r} is neither latest nor a checkpoint directory")
 
-    def _resume_from(self, run_dir: Path) -> Optional[Path]:
-        resume = self.cfg.train.resume
-        if resume is None:
-            return None
-        if resume != "latest":
-            return Path(resume)
-        found = latest_checkpoint(run_dir / "checkpoints")
-        if found is None:
-            log.info("train.resume: no complete checkpoint in %s yet; starting from the beginning", run_dir)
-        return found
+    def _preflight(self, run_dir: Optional[Path]) -> Optional[Path]:
+        """The output directory, the run directory and the checkpoint to resume from, checked before any model
+        loads; returns that checkpoint (None: a fresh start)."""
+        run_dir = run_dir if run_dir is not None else planned_run_dir(self.cfg)
+        check_run_dir(self.cfg, run_dir)
+        return choose_checkpoint(self.cfg, run_dir, self.world)
 
     def _rng_state(self) -> dict[str, Any]:
         """Every random state this process draws from: a resume continues each stream where it stopped."""
@@ -383,16 +380,17 @@ class Trainer:
 
         def every_rank(tmp: Path) -> None:
             self.engine.save(tmp / ENGINE_DIR)
-            torch.save(rank_state, tmp / rank_file(self.world.rank))
+            save_state(tmp / rank_file(self.world.rank), rank_state)
 
         def main_rank(tmp: Path) -> None:
             self.model.save_lora(tmp)
             if self.flow is not None:
                 save_flow(tmp, self.flow)
-            torch.save(trainer_state, tmp / TRAINER_STATE)
+            save_state(tmp / TRAINER_STATE, trainer_state)
 
         save_checkpoint(directory, self.world, every_rank=every_rank, main_rank=main_rank,
-                        meta={"epoch": self.epoch, "world_size": self.world.size})
+                        meta={"epoch": self.epoch, "world_size": self.world.size,
+                              "engine": engine_meta(self.cfg.engine.backend, self.cfg.engine.zero_stage)})
         if self.main:
             prune_checkpoints(directory.parent, self.cfg.checkpoint.keep_last)
         return directory
@@ -400,26 +398,15 @@ class Trainer:
     def restore(self, directory: Path) -> None:
         """Continue from a checkpoint: weights, optimizer, RNG streams, epoch, β horizon, metrics so far."""
         trainer_state, rank_state = read_checkpoint(directory, self.world)
-        saved, now = trainer_state["config"], config_to_dict(self.cfg)
-        for path in RESUME_MUST_MATCH:
-            a, b = _dig(saved, path), _dig(now, path)
-            if a != b:
-                raise ConfigError(f"train.resume: {directory} was trained with {'.'.join(path)}={a!r}, this config "
-                                  f"has {b!r}")
+        check_same_setup(trainer_state["config"], config_to_dict(self.cfg), directory)
         self.engine.load(directory / ENGINE_DIR)
         if weights_digest(self.engine.module) != rank_state["weights_digest"]:
-            raise RuntimeError(f"resuming from {directory}: the restored weights differ from the saved ones")
+            raise ConfigError(f"train.resume: {directory} is damaged (the restored weights differ from the saved ones)")
         self._set_rng_state(rank_state["rng"])
         self.epoch, self.beta_horizon = trainer_state["epoch"], trainer_state["beta_horizon"]
         self.rows = list(trainer_state["metrics"])
         self.evaluations = {k: _unpack_evaluation(v) for k, v in trainer_state["evaluations"].items()}
         log.info("resumed from %s after epoch %d of %d", directory, self.epoch, self.cfg.train.epochs)
-
-
-def _dig(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 def _pack_evaluation(e: Evaluation) -> dict[str, Any]:
