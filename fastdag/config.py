@@ -152,6 +152,12 @@ class TrainConfig:
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
     max_grad_norm: float = _f(1.0, "Gradient-norm clip (paper: 1.0); 0 disables.")
     seed: int = _f(0, "Seed of everything: model init, noise, prompts, shuffles.")
+    on_non_finite: Literal["stop", "skip"] = _f(
+        "stop",
+        "A non-finite loss term or gradient norm at an optimizer step: stop (one line naming the epoch, step and "
+        "term; no checkpoint is written) or skip (drop that step's update and count it as skipped_steps in "
+        "metrics.jsonl). Non-finite rewards always stop the run.",
+    )
     resume: Optional[str] = _f(
         None,
         "Resume from a checkpoint: latest (the newest complete checkpoint of logging.output_dir/logging.run_name; "

@@ -55,6 +55,21 @@ def check_engine(cfg: Config, device: torch.device, world: World) -> None:
                               "use adamw")
 
 
+def drop_non_finite_step(params: list[torch.nn.Parameter], norm: torch.Tensor | None) -> bool:
+    """Before an optimizer step: if the gradients' norm is not finite, drop the gradients (AdamW then leaves every
+    parameter and its moments alone) and return True. One host sync per optimizer step (fastdag.divergence)."""
+    if norm is None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return False
+        norm = torch.nn.utils.get_total_norm(grads)
+    if torch.isfinite(norm):
+        return False
+    for p in params:
+        p.grad = None
+    return True
+
+
 def make_optimizer(groups: list[dict], cfg: Config) -> torch.optim.Optimizer:
     t = cfg.train
     kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
@@ -94,6 +109,11 @@ class TorchEngine:
             return False
         if self.max_grad_norm > 0:
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm).detach()
+        if drop_non_finite_step(self.params, self.grad_norm if self.max_grad_norm > 0 else None):
+            self.grad_norm = torch.tensor(float("nan"))  # the guard (fastdag.divergence) reads the drop from it
+            return True
+        if self.max_grad_norm == 0:
+            self.grad_norm = torch.zeros(())  # not measured without clipping (and no longer a dropped step's NaN)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return True
@@ -180,6 +200,8 @@ class DeepSpeedEngine:
             # so take the pre-clip norm of the full gradients here, as ZeRO 1/2 report it.
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
             own = torch.nn.utils.get_total_norm(grads) if grads else None
+            if own is not None and drop_non_finite_step(list(self.module.parameters()), own):
+                own = torch.tensor(float("nan"))  # ZeRO 1/2 skip such a step themselves; stage 0 needs this
         self.engine.step()
         if boundary:
             norm = self.engine.get_global_grad_norm()

@@ -37,18 +37,23 @@ class MetricsLog:
 
     def write(self, row: dict[str, Any]) -> None:
         with self.path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+            fh.write(json.dumps(finite_or_null(row), allow_nan=False) + "\n")
 
     def rewrite(self, rows: list[dict[str, Any]]) -> None:
         """Replace the file with ``rows`` (a resumed run: the checkpoint's rows), atomically by a rename."""
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        tmp.write_text("".join(json.dumps(finite_or_null(row), allow_nan=False) + "\n" for row in rows))
         tmp.replace(self.path)
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def finite_or_null(row: dict[str, Any]) -> dict[str, Any]:
+    """NaN and ±inf as null: JSON has no such numbers, and a file with them is not JSON any more."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
 def sample_grid(images: torch.Tensor, captions: list[str], cell: int = 128, columns: Optional[int] = None) -> Image.Image:

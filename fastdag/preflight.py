@@ -96,3 +96,47 @@ def choose_checkpoint(cfg: Config, run_dir: Optional[Path], world: World) -> Opt
     check_same_setup(trainer_state.get("config") if isinstance(trainer_state, dict) else None,
                      config_to_dict(cfg), path)
     return path
+
+
+def check_reward_prompts(cfg: Config, reward: Any, prompts: list[str]) -> None:
+    """The evaluation prompts and metric exist, and the reward takes the training and evaluation prompts, for
+    rewards that can say (an optional ``check_prompts(prompts)`` raising ValueError, as the shapes world's has)."""
+    sets = [("prompts.source", prompts)]
+    if cfg.eval.prompts:
+        from fastdag.config import PromptsConfig
+        from fastdag.prompts import load_prompts
+
+        try:
+            sets.append(("eval.prompts", load_prompts(PromptsConfig(source=cfg.eval.prompts, column=cfg.prompts.column))))
+        except ConfigError as e:
+            raise ConfigError(f"eval.prompts: {str(e).removeprefix('prompts.source: ')}") from None
+    if cfg.eval.metric is not None:
+        from fastdag.rewards import METRICS
+
+        if cfg.eval.metric not in METRICS:
+            raise ConfigError(f"eval.metric: unknown metric {cfg.eval.metric!r}; registered: {', '.join(sorted(METRICS))}")
+    check = getattr(reward, "check_prompts", None)
+    if check is None:
+        return
+    for key, names in sets:
+        try:
+            check(names)
+        except ValueError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"{key}: reward {cfg.reward.name!r} does not take these prompts ({first})") from None
+
+
+def quiet_loading() -> None:
+    """``logging.progress=false`` also silences the libraries' own bars (loading pipeline components, shards)."""
+    try:
+        import diffusers.utils.logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        import transformers.utils.logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    except ImportError:
+        pass

@@ -19,6 +19,7 @@ from fastdag.checkpoint import (
     save_checkpoint, save_flow, weights_digest,
 )
 from fastdag.config import Config, ConfigError, config_to_dict, save_config
+from fastdag.divergence import DivergenceGuard
 from fastdag.distributed import World
 from fastdag.engine import build_engine, check_engine
 from fastdag.evaluation import Evaluation, Evaluator, write_report
@@ -26,9 +27,11 @@ from fastdag.flow import FlowNetwork
 from fastdag.models import build_model, ddim_step_schedule, resolve_device, step_weights
 from fastdag.objectives import DDPO, TransitionTerms, beta_at, build_objective
 from fastdag.outputs import MetricsLog, make_run_dir, save_sample_grid
-from fastdag.preflight import check_run_dir, check_same_setup, choose_checkpoint, planned_run_dir
+from fastdag.preflight import (
+    check_reward_prompts, check_run_dir, check_same_setup, choose_checkpoint, planned_run_dir, quiet_loading,
+)
 from fastdag.prompts import PromptSampler, load_prompts
-from fastdag.rewards import CheckedReward, build_reward
+from fastdag.rewards import CheckedReward, RewardError, build_reward
 from fastdag.profiling import PhaseTimer
 from fastdag.state_io import save_state
 from fastdag.rollout import OverlappedScorer, Trajectories, rollout_batch, score_latents, score_rollout, xhat0
@@ -62,6 +65,9 @@ class Trainer:
         # process; each process keeps its rows (``share``), so runs on 1 or N processes sample the same trajectories.
         self.prompts = PromptSampler(load_prompts(cfg.prompts), cfg.train.seed)
         self.reward = CheckedReward(cfg.reward.name, build_reward(cfg.reward.name, cfg.reward.kwargs), cfg.reward.batch_size)
+        check_reward_prompts(cfg, self.reward.fn, self.prompts.prompts)
+        if not cfg.logging.progress:
+            quiet_loading()
         torch.manual_seed(cfg.train.seed)
         self.model, lora_params = build_model(cfg.model, cfg.lora)
         self.device = self.model.device
@@ -93,6 +99,7 @@ class Trainer:
         # resume extends training without moving the schedule.
         self.beta_horizon = cfg.train.epochs
         self.rows: list[dict[str, Any]] = []  # the metrics rows so far (checkpointed)
+        self.guard = DivergenceGuard(skip=cfg.train.on_non_finite == "skip")
         self._plan: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
 
     @property
@@ -242,6 +249,9 @@ class Trainer:
         self._plan = None
         timer = self.timer
         chunk = self.cfg.train.timesteps_per_micro_step
+        micro_steps = len(plan) * (n // self.shard.train_batch) * (self.num_train_steps // chunk)
+        updates, total_updates = 0, micro_steps // self.shard.micro_steps_per_update
+        self.guard.skipped = 0
         for order, step_order in plan:
             # Drawn on the host for reproducibility, moved to the device once per pass.
             order, step_order = order.to(self.device), step_order.to(self.device)  # [N], [N, T_train]
@@ -258,17 +268,23 @@ class Trainer:
                     with timer.phase("backward"):
                         self.engine.backward(loss)
                     with timer.phase("optimizer"):
-                        self.engine.step()
-                    for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0) + v
-                    count += 1
+                        updated = self.engine.step()
+                    self.guard.observe(metrics)
+                    if updated:  # the step's micro-steps count unless it was skipped (or the run stops here)
+                        updates += 1
+                        for kept in self.guard.settle(self.engine.grad_norm, self.epoch + 1, updates, total_updates):
+                            for k, v in kept.items():
+                                sums[k] = sums.get(k, 0) + v
+                            count += 1
                     if progress is not None:
                         progress.update(1)
         # means over this process's micro-steps, then over the processes (equal counts): the global means
         keys = sorted(sums)
-        means = distributed.mean_over_ranks(torch.stack([sums[k] / count for k in keys]).float())
-        out = dict(zip(keys, means.tolist()))
+        means = distributed.mean_over_ranks(torch.stack([sums[k] / count for k in keys]).float()) if keys else []
+        out = dict(zip(keys, means.tolist() if keys else []))
         out["grad_norm"] = float(self.engine.grad_norm)
+        if self.guard.skip:
+            out["skipped_steps"] = self.guard.skipped
         return out
 
     # ----- loop ----------------------------------------------------------------------------------------------
@@ -298,12 +314,12 @@ class Trainer:
             beta = beta_at(epoch, cfg.dag, self.beta_horizon)
             t0 = time.perf_counter()
             epochs.set_postfix_str("rollout")
-            trajs = self.sample_epoch()
+            trajs = self._in_epoch(epoch, "rollout", self.sample_epoch)
             t1 = time.perf_counter()
             epochs.set_postfix_str("update")
             with tqdm(total=updates_per_epoch, desc=f"epoch {epoch + 1} update", leave=False, unit="step",
                       disable=not (cfg.logging.progress and self.main)) as bar:
-                losses = self.train_epoch(trajs, beta, bar)
+                losses = self._in_epoch(epoch, "update", self.train_epoch, trajs, beta, bar)
             t2 = time.perf_counter()
             r = distributed.gather_trajectory_values(trajs.rewards)  # the epoch's rewards on all processes
             row = {
@@ -333,6 +349,16 @@ class Trainer:
                                   f"fastdag: {cfg.dag.algorithm} on {cfg.model.pretrained} with {cfg.reward.name}")
             log.info("report: %s", report)
         return self.rows
+
+    @staticmethod
+    def _in_epoch(epoch: int, phase: str, fn, *args):
+        """``fn(*args)``, a reward's failure named with the epoch and phase it happened in."""
+        try:
+            return fn(*args)
+        except RewardError as e:
+            err = RewardError(f"epoch {epoch + 1}, {phase}: {e}")
+            err.details = getattr(e, "details", None)
+            raise err from None
 
     # ----- checkpoints ---------------------------------------------------------------------------------------
     def _check_resume(self, run_dir: Optional[Path]) -> None:
