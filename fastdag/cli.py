@@ -13,6 +13,9 @@ from typing import Optional
 
 # transformers warns at import that torchvision is missing (irrelevant here: we use no image processor)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# diffusers' warnings (e.g. "Couldn't connect to the Hub ... Will try to load from local cache") would add lines
+# to a failure that the CLI reports in one
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 from fastdag.config import ConfigError, config_help, load_config  # noqa: E402
 
@@ -112,6 +115,20 @@ def _interrupted(cfg, trainer) -> str:
             f"logging.output_dir={Path(run_dir).parent} logging.run_name={Path(run_dir).name}")
 
 
+def _check_output_file(path: str, key: str, suffixes: Optional[tuple[str, ...]]) -> None:
+    """A file the command will write at the end: checked before an epoch is spent on it."""
+    from pathlib import Path
+
+    from fastdag.preflight import check_writable
+
+    p = Path(path).expanduser()
+    if p.is_dir() or not p.name:
+        raise ConfigError(f"{key}: {path} is a directory; give a file name")
+    if suffixes and p.suffix.lower() not in suffixes:
+        raise ConfigError(f"{key}: {path} should end in one of {', '.join(suffixes)}")
+    check_writable(p.parent, key)
+
+
 def profile_main(argv: Optional[list[str]] = None) -> int:
     """``fastdag profile --config X [key=value ...]``: one epoch with per-phase timing, a table and a chart."""
     p = argparse.ArgumentParser(
@@ -129,9 +146,13 @@ def profile_main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, [*args.overrides, "logging.progress=false"])
+        _check_output_file(args.chart, "--chart", (".png", ".svg", ".pdf", ".jpg", ".jpeg"))
+        if args.table:
+            _check_output_file(args.table, "--table", None)
     except ConfigError as e:
         return _fail(str(e))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from fastdag.errors import RunStopped
     from fastdag.profiling import plot_breakdown, profile_epoch
     from fastdag.rewards import RewardError
     from fastdag.trainer import Trainer
@@ -139,7 +160,7 @@ def profile_main(argv: Optional[list[str]] = None) -> int:
     try:
         trainer = Trainer(cfg)
         result = profile_epoch(trainer, warmup=args.warmup)
-    except (ConfigError, RewardError) as e:
+    except (ConfigError, RewardError, RunStopped) as e:
         return _fail(str(e))
     name = args.config or "defaults"
     title = (f"{name}: {result['trajectories']} trajectories, {result['transitions']} transitions, "

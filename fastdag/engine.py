@@ -167,11 +167,15 @@ class DeepSpeedEngine:
                  device: torch.device):
         import deepspeed
 
-        from fastdag.distributed import ensure_env
+        from fastdag.distributed import ensure_env, init_local
 
         ensure_env()
         if not torch.distributed.is_initialized():
-            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if world.size == 1:  # no launcher (or a launcher of one): nothing may listen on the network
+                init_local(backend)
+            else:
+                deepspeed.init_distributed(dist_backend=backend)
         self.ds_config = deepspeed_config(cfg, shard, world, bf16=False)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=make_optimizer(groups, cfg), config=self.ds_config

@@ -4,6 +4,7 @@ terminal."""
 from __future__ import annotations
 
 import errno
+import re
 import traceback
 from pathlib import Path
 from typing import Optional
@@ -21,6 +22,12 @@ class RunStopped(RuntimeError):
 def one_line(message: str) -> str:
     """Messages quote user input (file names, values): never let one spill onto a second line."""
     return " | ".join(part.strip() for part in str(message).splitlines() if part.strip()) or "(no message)"
+
+
+def without_trace_hints(message: str) -> str:
+    """Drop library sentences that point at a stack trace the one-line report does not show."""
+    kept = [s for s in re.split(r"(?<=[.!])\s+", message) if not re.search(r"stack ?trace|traceback", s, re.I)]
+    return " ".join(kept) or message
 
 
 def describe_os_error(e: OSError) -> str:
