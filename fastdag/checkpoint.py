@@ -197,7 +197,7 @@ def _read_state(directory: Path, stem: str) -> Any:
     json_file = state_files(directory / stem)[0]
     if not json_file.is_file():
         if stem == TRAINER_STATE and (directory / PICKLED_STATE).exists():
-            raise ConfigError(f"train.resume: {directory} is in the pickle format of an earlier fastdag, which can run "
+            raise DamagedCheckpoint(f"train.resume: {directory} is in the pickle format of an earlier fastdag, which can run "
                               "code when read; it is not loaded (train it again, or convert it where you trust it)")
         raise DamagedCheckpoint(f"train.resume: {directory} is incomplete (no {json_file.name})")
     try:
@@ -276,3 +276,14 @@ def newest_usable_checkpoint(checkpoints_dir: Path, world: World, engine: dict[s
     if skipped:
         raise ConfigError(f"train.resume: no usable checkpoint in {checkpoints_dir}; the newest: {skipped[0]}")
     return None, skipped
+
+
+def checkpoint_write_failed(directory: Path, error: OSError) -> Exception:
+    """The one-line error for a save that could not be written: the partial ``.tmp`` is removed (it may hold the
+    space a retry needs) and the message names the checkpoint that stays the latest."""
+    from fastdag.errors import RunStopped, describe_os_error
+
+    shutil.rmtree(directory.with_name(directory.name + TMP_SUFFIX), ignore_errors=True)
+    latest = latest_checkpoint(directory.parent)
+    keeps = f"{latest} stays the latest checkpoint" if latest else "no earlier checkpoint exists"
+    return RunStopped(f"checkpoint {directory.name}: could not be written ({describe_os_error(error)}); {keeps}")

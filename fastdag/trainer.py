@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from fastdag import distributed
 from fastdag.checkpoint import (
-    ENGINE_DIR, TRAINER_STATE, checkpoint_name, engine_meta, prune_checkpoints, rank_file, read_checkpoint,
+    ENGINE_DIR, TRAINER_STATE, checkpoint_name, checkpoint_write_failed, engine_meta, prune_checkpoints, rank_file, read_checkpoint,
     save_checkpoint, save_flow, weights_digest,
 )
 from fastdag.config import Config, ConfigError, config_to_dict, save_config
@@ -414,9 +414,12 @@ class Trainer:
                 save_flow(tmp, self.flow)
             save_state(tmp / TRAINER_STATE, trainer_state)
 
-        save_checkpoint(directory, self.world, every_rank=every_rank, main_rank=main_rank,
-                        meta={"epoch": self.epoch, "world_size": self.world.size,
-                              "engine": engine_meta(self.cfg.engine.backend, self.cfg.engine.zero_stage)})
+        meta = {"epoch": self.epoch, "world_size": self.world.size,
+                "engine": engine_meta(self.cfg.engine.backend, self.cfg.engine.zero_stage)}
+        try:
+            save_checkpoint(directory, self.world, every_rank=every_rank, main_rank=main_rank, meta=meta)
+        except OSError as e:  # a full disk, a lost mount: the half-written .tmp is never a checkpoint
+            raise checkpoint_write_failed(directory, e) from e
         if self.main:
             prune_checkpoints(directory.parent, self.cfg.checkpoint.keep_last)
         return directory
