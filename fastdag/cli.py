@@ -20,8 +20,6 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 from fastdag.config import ConfigError, config_help, load_config  # noqa: E402
 
 EXIT_USAGE = 2
-
-
 EXIT_INTERRUPTED = 130  # the shell's convention for a run ended by Ctrl-C (SIGINT)
 
 

@@ -31,8 +31,10 @@ class DivergenceGuard:
         self._pending: list[dict[str, torch.Tensor]] = []
 
     def observe(self, metrics: dict[str, torch.Tensor]) -> None:
-        """A micro-step's loss terms (0-dim tensors), held until its optimizer step is settled; no host sync."""
-        self._pending.append(metrics)
+        """A micro-step's loss terms (0-dim tensors), held until its optimizer step is settled; no host sync.
+        Copied, since they are read after later micro-steps have run (a kernel may reuse an output buffer)."""
+        values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()])  # [K], one copy of all
+        self._pending.append(dict(zip(metrics, values.unbind())))
 
     def settle(self, grad_norm: Optional[torch.Tensor], epoch: int, step: int, steps: int) -> list[dict[str, torch.Tensor]]:
         """At an optimizer step (after the engine's step): the micro-steps' metrics to keep (all of them, or none

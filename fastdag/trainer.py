@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 
 from fastdag import distributed
 from fastdag.checkpoint import (
-    ENGINE_DIR, TRAINER_STATE, checkpoint_name, checkpoint_write_failed, engine_meta, prune_checkpoints, rank_file, read_checkpoint,
-    save_checkpoint, save_flow, weights_digest,
+    ENGINE_DIR, TRAINER_STATE, checkpoint_name, checkpoint_write_failed, engine_meta, prune_checkpoints, rank_file,
+    read_checkpoint, save_checkpoint, save_flow, weights_digest,
 )
 from fastdag.config import Config, ConfigError, config_to_dict, save_config
 from fastdag.divergence import DivergenceGuard
@@ -33,8 +33,8 @@ from fastdag.preflight import (
 from fastdag.prompts import PromptSampler, load_prompts
 from fastdag.rewards import CheckedReward, RewardError, build_reward
 from fastdag.profiling import PhaseTimer
-from fastdag.state_io import save_state
 from fastdag.rollout import OverlappedScorer, Trajectories, rollout_batch, score_latents, score_rollout, xhat0
+from fastdag.state_io import save_state
 import kernels
 
 log = logging.getLogger(__name__)
@@ -280,8 +280,10 @@ class Trainer:
                         progress.update(1)
         # means over this process's micro-steps, then over the processes (equal counts): the global means
         keys = sorted(sums)
-        means = distributed.mean_over_ranks(torch.stack([sums[k] / count for k in keys]).float()) if keys else []
-        out = dict(zip(keys, means.tolist() if keys else []))
+        out: dict[str, float] = {}
+        if keys:  # none when every optimizer step of the epoch was skipped (the same on every process)
+            means = distributed.mean_over_ranks(torch.stack([sums[k] / count for k in keys]).float())
+            out = dict(zip(keys, means.tolist()))
         out["grad_norm"] = float(self.engine.grad_norm)
         if self.guard.skip:
             out["skipped_steps"] = self.guard.skipped
