@@ -143,7 +143,9 @@ def profile_main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, applied last")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, [*args.overrides, "logging.progress=false"])
+        # profiling writes no run directory and restores nothing: a run name or resume given would only be checked
+        cfg = load_config(args.config, [*args.overrides, "logging.progress=false", "logging.run_name=null",
+                                        "train.resume=null"])
         _check_output_file(args.chart, "--chart", (".png", ".svg", ".pdf", ".jpg", ".jpeg"))
         if args.table:
             _check_output_file(args.table, "--table", None)
