@@ -197,8 +197,9 @@ def _read_state(directory: Path, stem: str) -> Any:
     json_file = state_files(directory / stem)[0]
     if not json_file.is_file():
         if stem == TRAINER_STATE and (directory / PICKLED_STATE).exists():
-            raise DamagedCheckpoint(f"train.resume: {directory} is in the pickle format of an earlier fastdag, which can run "
-                              "code when read; it is not loaded (train it again, or convert it where you trust it)")
+            raise DamagedCheckpoint(f"train.resume: {directory} is in the pickle format of an earlier fastdag, which "
+                                    "can run code when read; it is not loaded (train it again, or convert it where "
+                                    "you trust it)")
         raise DamagedCheckpoint(f"train.resume: {directory} is incomplete (no {json_file.name})")
     try:
         return load_state(directory / stem)
@@ -222,7 +223,8 @@ def check_checkpoint(directory: Path, world: World, engine: dict[str, Any]) -> t
     engine matches ``engine`` (see :func:`engine_meta`). Returns (trainer state, this process's rank state);
     :class:`DamagedCheckpoint` for damage, ConfigError for a checkpoint this run cannot continue."""
     trainer_state, rank_state = read_checkpoint(directory, world)
-    for name, state, keys in ((TRAINER_STATE, trainer_state, TRAINER_KEYS), (rank_file(world.rank), rank_state, RANK_KEYS)):
+    own = ((TRAINER_STATE, trainer_state, TRAINER_KEYS), (rank_file(world.rank), rank_state, RANK_KEYS))
+    for name, state, keys in own:
         if not isinstance(state, dict) or not set(keys) <= set(state):
             raise DamagedCheckpoint(f"train.resume: {directory} is damaged ({name}.json lacks {', '.join(keys)})")
     meta = read_meta(directory)
@@ -255,7 +257,8 @@ def _check_engine_files(engine_dir: Path, backend: str, world: World) -> None:
         files += [ds_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world.size)]
     for f in files:
         if not f.is_file():
-            raise DamagedCheckpoint(f"train.resume: {engine_dir.parent} is incomplete (no {ENGINE_DIR}/deepspeed/{f.name})")
+            raise DamagedCheckpoint(f"train.resume: {engine_dir.parent} is incomplete "
+                                    f"(no {ENGINE_DIR}/deepspeed/{f.name})")
         try:
             safe_torch_load(f, map_location="cpu")
         except Exception as e:  # noqa: BLE001 - truncated zip, a refused pickle global, ...: all mean unusable
@@ -263,7 +266,8 @@ def _check_engine_files(engine_dir: Path, backend: str, world: World) -> None:
             raise DamagedCheckpoint(f"train.resume: {engine_dir.parent} is damaged ({f.name}: {first[:200]})") from None
 
 
-def newest_usable_checkpoint(checkpoints_dir: Path, world: World, engine: dict[str, Any]) -> tuple[Optional[Path], list[str]]:
+def newest_usable_checkpoint(checkpoints_dir: Path, world: World,
+                             engine: dict[str, Any]) -> tuple[Optional[Path], list[str]]:
     """The newest complete checkpoint that passes :func:`check_checkpoint`, and a message for each newer one
     skipped as damaged. None when there is no complete checkpoint; a ConfigError when none is usable."""
     skipped: list[str] = []

@@ -36,18 +36,20 @@ class DivergenceGuard:
         values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()])  # [K], one copy of all
         self._pending.append(dict(zip(metrics, values.unbind())))
 
-    def settle(self, grad_norm: Optional[torch.Tensor], epoch: int, step: int, steps: int) -> list[dict[str, torch.Tensor]]:
+    def settle(self, grad_norm: Optional[torch.Tensor], epoch: int, step: int,
+               steps: int) -> list[dict[str, torch.Tensor]]:
         """At an optimizer step (after the engine's step): the micro-steps' metrics to keep (all of them, or none
         for a skipped step); :class:`Diverged` in stop mode when a term or the gradient norm is not finite."""
         pending, self._pending = self._pending, []
         if not pending:
             return pending
         keys = sorted(pending[0])
-        values = torch.stack([torch.stack([m[k].detach().float().reshape(()) for k in keys]) for m in pending])  # [n, K]
+        values = torch.stack([torch.stack([m[k] for k in keys]) for m in pending])  # [n, K]
         flags = ~torch.isfinite(values).all(dim=0)  # [K]
         names = list(keys)
         if grad_norm is not None:
-            flags = torch.cat([flags, ~torch.isfinite(torch.as_tensor(grad_norm, dtype=torch.float32).to(flags.device).reshape(1))])
+            norm = torch.as_tensor(grad_norm, dtype=torch.float32).to(flags.device).reshape(1)
+            flags = torch.cat([flags, ~torch.isfinite(norm)])
             names.append("grad_norm")
         bad = (distributed.mean_over_ranks(flags.float()) > 0).tolist()  # the one host sync (and collective)
         if not any(bad):

@@ -107,14 +107,16 @@ def check_reward_prompts(cfg: Config, reward: Any, prompts: list[str]) -> None:
         from fastdag.prompts import load_prompts
 
         try:
-            sets.append(("eval.prompts", load_prompts(PromptsConfig(source=cfg.eval.prompts, column=cfg.prompts.column))))
+            held_out = load_prompts(PromptsConfig(source=cfg.eval.prompts, column=cfg.prompts.column))
+            sets.append(("eval.prompts", held_out))
         except ConfigError as e:
             raise ConfigError(f"eval.prompts: {str(e).removeprefix('prompts.source: ')}") from None
     if cfg.eval.metric is not None:
         from fastdag.rewards import METRICS
 
         if cfg.eval.metric not in METRICS:
-            raise ConfigError(f"eval.metric: unknown metric {cfg.eval.metric!r}; registered: {', '.join(sorted(METRICS))}")
+            raise ConfigError(f"eval.metric: unknown metric {cfg.eval.metric!r}; "
+                              f"registered: {', '.join(sorted(METRICS))}")
     check = getattr(reward, "check_prompts", None)
     if check is None:
         return

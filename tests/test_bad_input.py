@@ -172,8 +172,10 @@ def build_cases(root: Path, trained: Path) -> list[Case]:
         f"{root / 'test_raises/error.log'})", after=traceback_in_log)
     add("reward-kwargs", train_argv(root, "k", "reward.name=jpeg_compressibility", "reward.kwargs={quality: abc}"),
         "reward.kwargs.quality: must be an integer in [0, 100]", premodel=True)
-    add("reward-prompts-outside-its-world", train_argv(root, "w", "reward.name=shapes_alignment", "prompts.source=tiny"),
-        "prompts.source: reward 'shapes_alignment' does not take these prompts (not a shapes-world caption", premodel=True)
+    add("reward-prompts-outside-its-world",
+        train_argv(root, "w", "reward.name=shapes_alignment", "prompts.source=tiny"),
+        "prompts.source: reward 'shapes_alignment' does not take these prompts (not a shapes-world caption",
+        premodel=True)
     add("eval-prompts-missing", train_argv(root, "e", f"eval.prompts={root / 'nope.txt'}"), "eval.prompts:",
         premodel=True)
 
