@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,4 +152,10 @@ def barrier() -> None:
 
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        ds_comm = sys.modules.get("deepspeed.comm.comm")
+        if ds_comm is not None and ds_comm.cdb is not None:
+            # through DeepSpeed, which then drops the groups it cached from this process group (a later run in the
+            # same process would otherwise reach them: "Group ... is not registered")
+            ds_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
