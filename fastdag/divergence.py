@@ -2,7 +2,8 @@
 appears (``train.on_non_finite: stop``), or that step is skipped and counted (``skip``).
 
 The engines drop a step whose gradients are not finite (TorchEngine and DeepSpeed ZeRO 0 here, ZeRO 1/2 by
-DeepSpeed's own overflow check), so the weights never take NaN; this guard decides, once per optimizer step, whether
+DeepSpeed's own overflow check on the gradient norm, which in bf16 needs its ``check_grad_overflow``), so the
+weights never take NaN; this guard decides, once per optimizer step, whether
 the run may go on. That is one host sync per optimizer step (not per micro-step): the loss terms of the step's
 micro-steps and the gradient norm are checked together. Over N processes the verdict is averaged, so every process
 stops (or skips) at the same step. Non-finite rewards stop the run in ``CheckedReward`` whatever this setting.
