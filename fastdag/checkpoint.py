@@ -5,10 +5,16 @@
 - ``pytorch_lora_weights.safetensors`` (the LoRA, diffusers format) and ``flow.safetensors``: for users (rank 0);
 - ``engine/``: the trainable weights and the optimizer state, written by the engine (DeepSpeed: its own
   checkpoint, every process writing its ZeRO partition);
-- ``trainer_state.pt`` (rank 0): completed epochs, the β-schedule horizon, the metrics rows so far, the
-  before-training evaluation, the config and the number of processes;
-- ``rank-NNNNN.pt``, one per process: every RNG state it owns and a digest of its trainable weights;
+- ``trainer_state.json`` + ``.safetensors`` (rank 0): completed epochs, the β-schedule horizon, the metrics rows so
+  far, the before-training evaluation, the config and the number of processes;
+- ``rank-NNNNN.json`` + ``.safetensors``, one per process: every RNG state it owns and a digest of its trainable
+  weights;
 - ``checkpoint.json``, written last: a directory without it is not a checkpoint.
+
+Nothing here is a pickle, so reading a checkpoint cannot run code (``fastdag.state_io``); DeepSpeed's own files
+under ``engine/`` are read with ``torch.load(weights_only=True)`` and an allow-list. A checkpoint is checked
+whole (every file of every process parses) before the model loads: ``resume=latest`` skips a damaged newest one
+for the newest readable one, and says so.
 
 Every process writes into ``epoch-NNNN.tmp/``; after a barrier rank 0 flushes the files to disk, writes
 ``checkpoint.json`` and renames the directory into place (a rename is atomic on POSIX). A crash at any point
@@ -34,7 +40,8 @@ from fastdag.config import ConfigError
 from fastdag.distributed import World, barrier
 
 FLOW_WEIGHTS = "flow.safetensors"
-TRAINER_STATE = "trainer_state.pt"
+TRAINER_STATE = "trainer_state"  # + .json / .safetensors (fastdag.state_io)
+PICKLED_STATE = "trainer_state.pt"  # the pickle format of fastdag before checkpoints became code-free
 COMPLETE = "checkpoint.json"
 ENGINE_DIR = "engine"
 TMP_SUFFIX, OLD_SUFFIX = ".tmp", ".old"
@@ -45,12 +52,17 @@ STALL_ENV = "FASTDAG_TEST_STALL_IN_SAVE"
 STALL_MARKER = "STALLED"
 
 
+class DamagedCheckpoint(ConfigError):
+    """A checkpoint with a file missing, truncated or unparsable (``resume=latest`` falls back past it)."""
+
+
 def checkpoint_name(epoch: int) -> str:
     return f"epoch-{epoch:04d}"
 
 
 def rank_file(rank: int) -> str:
-    return f"rank-{rank:05d}.pt"
+    """The stem of a process's state files (``.json`` + ``.safetensors``)."""
+    return f"rank-{rank:05d}"
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -158,10 +170,124 @@ def read_checkpoint(directory: Path, world: World) -> tuple[dict[str, Any], dict
     if not (directory / COMPLETE).is_file():
         what = "an incomplete checkpoint (a save was interrupted)" if directory.is_dir() else "not a directory"
         raise ConfigError(f"train.resume: {directory} is {what}")
-    meta = json.loads((directory / COMPLETE).read_text())
+    meta = read_meta(directory)
     if meta["world_size"] != world.size:
         raise ConfigError(f"train.resume: {directory} was written by {meta['world_size']} processes, this run has "
                           f"{world.size}; resume with the same number of processes")
-    trainer_state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=False)
-    rank_state = torch.load(directory / rank_file(world.rank), map_location="cpu", weights_only=False)
+    trainer_state = _read_state(directory, TRAINER_STATE)
+    rank_state = _read_state(directory, rank_file(world.rank))
     return trainer_state, rank_state
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    """``checkpoint.json``: at least ``epoch`` and ``world_size`` (ints); a ConfigError if it is damaged."""
+    try:
+        meta = json.loads((directory / COMPLETE).read_text(encoding="utf-8"))
+        ok = isinstance(meta, dict) and all(type(meta.get(k)) is int and meta[k] >= 0 for k in ("epoch", "world_size"))
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise DamagedCheckpoint(f"train.resume: {directory} is damaged ({COMPLETE} is not a checkpoint record)")
+    return meta
+
+
+def _read_state(directory: Path, stem: str) -> Any:
+    from fastdag.state_io import StateFormatError, load_state, state_files
+
+    json_file = state_files(directory / stem)[0]
+    if not json_file.is_file():
+        if stem == TRAINER_STATE and (directory / PICKLED_STATE).exists():
+            raise DamagedCheckpoint(f"train.resume: {directory} is in the pickle format of an earlier fastdag, which "
+                                    "can run code when read; it is not loaded (train it again, or convert it where "
+                                    "you trust it)")
+        raise DamagedCheckpoint(f"train.resume: {directory} is incomplete (no {json_file.name})")
+    try:
+        return load_state(directory / stem)
+    except (OSError, StateFormatError) as e:
+        raise DamagedCheckpoint(f"train.resume: {directory} is damaged ({json_file.name}: {e})") from None
+
+
+# What Trainer.save writes and Trainer.restore reads.
+TRAINER_KEYS = ("epoch", "beta_horizon", "metrics", "evaluations", "config", "world_size")
+RANK_KEYS = ("rng", "weights_digest")
+
+
+def engine_meta(backend: str, zero_stage: int) -> dict[str, Any]:
+    """The engine record of ``checkpoint.json``: a resume must use the engine (and ZeRO stage) that wrote it."""
+    return {"backend": backend, "zero_stage": zero_stage if backend == "deepspeed" else None}
+
+
+def check_checkpoint(directory: Path, world: World, engine: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Everything a resume from ``directory`` reads, checked without loading a model: the record, the trainer
+    state, every process's rank state and engine files (so all processes agree on the verdict), and that the
+    engine matches ``engine`` (see :func:`engine_meta`). Returns (trainer state, this process's rank state);
+    :class:`DamagedCheckpoint` for damage, ConfigError for a checkpoint this run cannot continue."""
+    trainer_state, rank_state = read_checkpoint(directory, world)
+    own = ((TRAINER_STATE, trainer_state, TRAINER_KEYS), (rank_file(world.rank), rank_state, RANK_KEYS))
+    for name, state, keys in own:
+        if not isinstance(state, dict) or not set(keys) <= set(state):
+            raise DamagedCheckpoint(f"train.resume: {directory} is damaged ({name}.json lacks {', '.join(keys)})")
+    meta = read_meta(directory)
+    for r in range(world.size):
+        if r != world.rank:
+            _read_state(directory, rank_file(r))
+    saved = meta.get("engine")
+    if not isinstance(saved, dict) or saved.get("backend") not in ("torch", "deepspeed"):
+        raise DamagedCheckpoint(f"train.resume: {directory} is damaged ({COMPLETE} names no engine)")
+    if saved["backend"] != engine["backend"]:
+        raise ConfigError(f"train.resume: {directory} was written by the {saved['backend']} engine, this run uses "
+                          f"{engine['backend']}; resume with engine.backend={saved['backend']}")
+    if saved.get("zero_stage") != engine["zero_stage"]:
+        raise ConfigError(f"train.resume: {directory} was written with ZeRO stage {saved.get('zero_stage')}, this run "
+                          f"uses {engine['zero_stage']}; resume with engine.zero_stage={saved.get('zero_stage')}")
+    _check_engine_files(directory / ENGINE_DIR, saved["backend"], world)
+    return trainer_state, rank_state
+
+
+def _check_engine_files(engine_dir: Path, backend: str, world: World) -> None:
+    from fastdag.state_io import safe_torch_load
+
+    if backend == "torch":
+        _read_state(engine_dir, "torch_engine")
+        return
+    ds_dir = engine_dir / "deepspeed"
+    files = [ds_dir / "mp_rank_00_model_states.pt"]
+    optim = sorted(ds_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")) if ds_dir.is_dir() else []
+    if optim:  # ZeRO 1/2: one optimizer partition per process
+        files += [ds_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world.size)]
+    for f in files:
+        if not f.is_file():
+            raise DamagedCheckpoint(f"train.resume: {engine_dir.parent} is incomplete "
+                                    f"(no {ENGINE_DIR}/deepspeed/{f.name})")
+        try:
+            safe_torch_load(f, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - truncated zip, a refused pickle global, ...: all mean unusable
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DamagedCheckpoint(f"train.resume: {engine_dir.parent} is damaged ({f.name}: {first[:200]})") from None
+
+
+def newest_usable_checkpoint(checkpoints_dir: Path, world: World,
+                             engine: dict[str, Any]) -> tuple[Optional[Path], list[str]]:
+    """The newest complete checkpoint that passes :func:`check_checkpoint`, and a message for each newer one
+    skipped as damaged. None when there is no complete checkpoint; a ConfigError when none is usable."""
+    skipped: list[str] = []
+    for _, path in reversed(complete_checkpoints(checkpoints_dir)):
+        try:
+            check_checkpoint(path, world, engine)
+            return path, skipped
+        except DamagedCheckpoint as e:
+            skipped.append(str(e).removeprefix("train.resume: "))
+    if skipped:
+        raise ConfigError(f"train.resume: no usable checkpoint in {checkpoints_dir}; the newest: {skipped[0]}")
+    return None, skipped
+
+
+def checkpoint_write_failed(directory: Path, error: OSError) -> Exception:
+    """The one-line error for a save that could not be written: the partial ``.tmp`` is removed (it may hold the
+    space a retry needs) and the message names the checkpoint that stays the latest."""
+    from fastdag.errors import RunStopped, describe_os_error
+
+    shutil.rmtree(directory.with_name(directory.name + TMP_SUFFIX), ignore_errors=True)
+    latest = latest_checkpoint(directory.parent)
+    keeps = f"{latest} stays the latest checkpoint" if latest else "no earlier checkpoint exists"
+    return RunStopped(f"checkpoint {directory.name}: could not be written ({describe_os_error(error)}); {keeps}")

@@ -13,14 +13,20 @@ from typing import Optional
 
 # transformers warns at import that torchvision is missing (irrelevant here: we use no image processor)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# diffusers' warnings (e.g. "Couldn't connect to the Hub ... Will try to load from local cache") would add lines
+# to a failure that the CLI reports in one
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 from fastdag.config import ConfigError, config_help, load_config  # noqa: E402
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # the shell's convention for a run ended by Ctrl-C (SIGINT)
 
 
 def _fail(message: str) -> int:
-    print(f"fastdag: error: {message}", file=sys.stderr)
+    from fastdag.errors import one_line
+
+    print(f"fastdag: error: {one_line(message)}", file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -60,20 +66,65 @@ def train_main(argv: Optional[list[str]] = None, prog: str = "fastdag train") ->
         return _fail(str(e))
     # Every process runs the same checks, so rank 0 alone reports (N copies of one line help nobody).
     logging.basicConfig(level=logging.INFO if world.is_main else logging.WARNING, format="%(message)s")
+    from fastdag.errors import ENVIRONMENT_ERRNOS, RunStopped, describe_os_error, keep_traceback
     from fastdag.rewards import RewardError
     from fastdag.trainer import Trainer
 
+    trainer = None
     try:
         trainer = Trainer(cfg)
         rows = trainer.fit()
-    except (ConfigError, RewardError) as e:
-        return _fail(str(e)) if world.is_main else EXIT_USAGE
+    except (ConfigError, RewardError, RunStopped, OSError) as e:
+        if isinstance(e, OSError) and e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        if not world.is_main:
+            return EXIT_USAGE
+        message = describe_os_error(e) if isinstance(e, OSError) else str(e)
+        details = getattr(e, "details", None)  # a reward's own exception: its traceback is for the reward's author
+        if details or isinstance(e, OSError):
+            log_file = keep_traceback(getattr(trainer, "run_dir", None), e, details)
+            message += f" (traceback in {log_file})" if log_file else ""
+        return _fail(message)
+    except KeyboardInterrupt:
+        if world.is_main:
+            print(f"fastdag: {_interrupted(cfg, trainer)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         shutdown()
     if world.is_main:
         last = rows[-1]
         print(f"done: {len(rows)} epochs, final reward mean {last['reward_mean']:.4g}; outputs in {trainer.run_dir}")
     return 0
+
+
+def _interrupted(cfg, trainer) -> str:
+    """One line for Ctrl-C: where the run stands and the command line that continues it."""
+    from pathlib import Path
+
+    from fastdag.checkpoint import latest_checkpoint
+
+    run_dir = getattr(trainer, "run_dir", None)
+    if run_dir is None:
+        return "interrupted before training started; nothing was written"
+    latest = latest_checkpoint(Path(run_dir) / "checkpoints")
+    if latest is None:
+        return f"interrupted before the first checkpoint of {run_dir}; nothing to resume, run again to start over"
+    return (f"interrupted; {latest} is the latest checkpoint: continue with train.resume=latest "
+            f"logging.output_dir={Path(run_dir).parent} logging.run_name={Path(run_dir).name}")
+
+
+def _check_output_file(path: str, key: str, suffixes: Optional[tuple[str, ...]]) -> None:
+    """A file the command will write at the end: checked before an epoch is spent on it."""
+    from pathlib import Path
+
+    from fastdag.preflight import check_writable
+
+    p = Path(path).expanduser()
+    if p.is_dir() or not p.name:
+        raise ConfigError(f"{key}: {path} is a directory; give a file name")
+    if suffixes and p.suffix.lower() not in suffixes:
+        raise ConfigError(f"{key}: {path} should end in one of {', '.join(suffixes)}")
+    check_writable(p.parent, key)
 
 
 def profile_main(argv: Optional[list[str]] = None) -> int:
@@ -92,10 +143,16 @@ def profile_main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, applied last")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, [*args.overrides, "logging.progress=false"])
+        # profiling writes no run directory and restores nothing: a run name or resume given would only be checked
+        cfg = load_config(args.config, [*args.overrides, "logging.progress=false", "logging.run_name=null",
+                                        "train.resume=null"])
+        _check_output_file(args.chart, "--chart", (".png", ".svg", ".pdf", ".jpg", ".jpeg"))
+        if args.table:
+            _check_output_file(args.table, "--table", None)
     except ConfigError as e:
         return _fail(str(e))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from fastdag.errors import RunStopped
     from fastdag.profiling import plot_breakdown, profile_epoch
     from fastdag.rewards import RewardError
     from fastdag.trainer import Trainer
@@ -103,7 +160,7 @@ def profile_main(argv: Optional[list[str]] = None) -> int:
     try:
         trainer = Trainer(cfg)
         result = profile_epoch(trainer, warmup=args.warmup)
-    except (ConfigError, RewardError) as e:
+    except (ConfigError, RewardError, RunStopped) as e:
         return _fail(str(e))
     name = args.config or "defaults"
     title = (f"{name}: {result['trajectories']} trajectories, {result['transitions']} transitions, "
@@ -171,7 +228,9 @@ COMMANDS = {
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        return _fail(f"unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)} (fastdag --help)")
+    if not argv or argv[0] in ("-h", "--help"):
         usage = ["usage: fastdag COMMAND [...]", "", "commands:"]
         usage += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
         print("\n".join(usage), file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)

@@ -7,6 +7,8 @@ that names the key and what is allowed; the CLI turns it into exit status 2.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +32,26 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
+
+
+# train.seed + 1 seeds a torch.Generator, which takes at most 2**64 - 1; numpy's and Python's seeds are unbounded.
+MAX_SEED = 2**63 - 1
+
+
+def _plain_name(name: str) -> bool:
+    """A single path component: a run name may not climb out of (or be) logging.output_dir."""
+    return name.strip() not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def _check_train_ranges(t: "TrainConfig") -> None:
+    """Ranges torch's AdamW, the RNGs and the resume logic would otherwise reject with a traceback mid-run."""
+    _check(0 <= t.adam_beta1 < 1, "train.adam_beta1", f"must be in [0, 1), got {t.adam_beta1}")
+    _check(0 <= t.adam_beta2 < 1, "train.adam_beta2", f"must be in [0, 1), got {t.adam_beta2}")
+    _check(t.adam_weight_decay >= 0, "train.adam_weight_decay", f"must be >= 0, got {t.adam_weight_decay}")
+    _check(t.adam_epsilon > 0, "train.adam_epsilon", f"must be > 0, got {t.adam_epsilon}")
+    _check(0 <= t.seed < MAX_SEED, "train.seed", f"must be in [0, {MAX_SEED - 1}], got {t.seed}")
+    _check(t.resume is None or t.resume.strip() != "", "train.resume",
+           "is empty; give latest or a checkpoint directory, or leave it out to start a new run")
 
 
 @dataclass
@@ -58,6 +80,11 @@ class ModelConfig:
         "~100 s for ~8%).",
     )
 
+    def __post_init__(self) -> None:
+        _check(self.pretrained.strip() != "", "model.pretrained", "is empty; give a preset, a directory or a hub id")
+        _check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None, "model.device",
+               f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+
 
 @dataclass
 class LoraConfig:
@@ -70,6 +97,7 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         _check(self.rank > 0, "lora.rank", f"must be a positive integer, got {self.rank}")
+        _check(self.alpha is None or self.alpha > 0, "lora.alpha", f"must be > 0 (or null), got {self.alpha}")
         _check(len(self.target_modules) > 0, "lora.target_modules", "must name at least one module")
 
 
@@ -96,7 +124,9 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_steps >= 1, "sample.num_steps", f"must be >= 1, got {self.num_steps}")
-        _check(self.eta >= 0, "sample.eta", f"must be >= 0, got {self.eta}")
+        # eta > 1 makes σ_t exceed the DDIM bound: √(1 − ᾱ_{t−1} − σ_t²) is then imaginary (NaN)
+        _check(0 <= self.eta <= 1, "sample.eta", f"must be in [0, 1], got {self.eta}")
+        _check(self.guidance_scale >= 0, "sample.guidance_scale", f"must be >= 0, got {self.guidance_scale}")
         _check(self.batch_size >= 1, "sample.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.num_batches_per_epoch >= 1, "sample.num_batches_per_epoch", "must be >= 1")
         _check(self.group_size >= 1 and self.batch_size % self.group_size == 0, "sample.group_size",
@@ -135,6 +165,12 @@ class TrainConfig:
         "shrinks the LoRA step).",
     )
     seed: int = _f(0, "Seed of everything: model init, noise, prompts, shuffles.")
+    on_non_finite: Literal["stop", "skip"] = _f(
+        "stop",
+        "A non-finite loss term or gradient norm at an optimizer step: stop (one line naming the epoch, step and "
+        "term; no checkpoint is written) or skip (drop that step's update and count it as skipped_steps in "
+        "metrics.jsonl). Non-finite rewards always stop the run.",
+    )
     resume: Optional[str] = _f(
         None,
         "Resume from a checkpoint: latest (the newest complete checkpoint of logging.output_dir/logging.run_name; "
@@ -155,6 +191,7 @@ class TrainConfig:
         _check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
         _check(self.flow_learning_rate > 0, "train.flow_learning_rate", "must be > 0")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
+        _check_train_ranges(self)
 
 
 @dataclass
@@ -173,7 +210,10 @@ class FlowConfig:
 
     def __post_init__(self) -> None:
         _check(len(self.block_out_channels) >= 1, "dag.flow.block_out_channels", "must list at least one block")
-        _check(self.attention_heads >= 1, "dag.flow.attention_heads", f"must be >= 1, got {self.attention_heads}")
+        _check(all(c >= 1 for c in self.block_out_channels), "dag.flow.block_out_channels",
+               f"must be positive, got {self.block_out_channels}")
+        for key in ("layers_per_block", "attention_heads", "norm_num_groups"):
+            _check(getattr(self, key) >= 1, f"dag.flow.{key}", f"must be >= 1, got {getattr(self, key)}")
         for c in self.block_out_channels:
             _check(
                 c % self.norm_num_groups == 0 and c % self.attention_heads == 0,
@@ -275,6 +315,7 @@ class DagConfig:
         _check(self.ratio_clip > 0, "dag.ratio_clip", "must be > 0")
         _check(self.adv_clip > 0, "dag.adv_clip", "must be > 0")
         _check(self.prox_coef >= 0, "dag.prox_coef", "must be >= 0")
+        _check(self.kl_coef is None or self.kl_coef >= 0, "dag.kl_coef", f"must be >= 0 (or null), got {self.kl_coef}")
 
     @property
     def kl_coefficient(self) -> float:
@@ -302,6 +343,9 @@ class PromptsConfig:
     column: str = _f("prompt", "CSV column holding the prompts (DrawBench: Prompts).")
     exclude_categories: list[str] = _f([], "CSV/JSON: drop prompts whose `category` metadata is listed.")
 
+    def __post_init__(self) -> None:
+        _check(self.source.strip() != "", "prompts.source", "is empty; give a named set or a prompt file")
+
 
 @dataclass
 class EvalConfig:
@@ -319,6 +363,12 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _check(self.samples_per_prompt >= 1, "eval.samples_per_prompt", "must be >= 1")
         _check(self.num_steps is None or self.num_steps >= 1, "eval.num_steps", "must be >= 1")
+        _check(self.eta is None or 0 <= self.eta <= 1, "eval.eta", f"must be in [0, 1], got {self.eta}")
+        _check(self.guidance_scale is None or self.guidance_scale >= 0, "eval.guidance_scale",
+               f"must be >= 0, got {self.guidance_scale}")
+        _check(0 <= self.seed <= MAX_SEED, "eval.seed", f"must be in [0, {MAX_SEED}], got {self.seed}")
+        _check(self.grid_prompts >= 0, "eval.grid_prompts", f"must be >= 0, got {self.grid_prompts}")
+        _check(self.prompts != "", "eval.prompts", "is empty; give a prompt set or file, or null for no evaluation")
 
 
 @dataclass
@@ -364,6 +414,12 @@ class LoggingConfig:
         "Also send the config, metrics rows and sample grids to tensorboard (<run>/tensorboard) or wandb "
         "(WANDB_MODE=offline needs no network); both in the `tracking` extra.",
     )
+
+    def __post_init__(self) -> None:
+        _check(self.output_dir.strip() != "", "logging.output_dir", "is empty; give a directory")
+        _check(self.run_name is None or _plain_name(self.run_name), "logging.run_name",
+               f"must be one directory name (no '/', not '.' or '..', not empty), got {self.run_name!r}")
+        _check(self.grid_size >= 0, "logging.grid_size", f"must be >= 0, got {self.grid_size}")
 
 
 @dataclass
@@ -483,12 +539,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # PyYAML (YAML 1.1) reads 3e-4 as a string; accept what float() accepts
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond the float range
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}") from None
+        if not math.isfinite(value):  # an inf or NaN setting only ever ends in a NaN run
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise bad
@@ -552,10 +614,45 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"{item}: empty key")
     _section_fields(Config, key)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}") from None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                continue  # PyYAML itself reports unhashable keys
+            if key in seen:
+                raise ConfigError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1}); give each key once")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML document in ``path``; a ConfigError for an unreadable, non-text or invalid file."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config: {path} is not a text file (not UTF-8)") from None
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path} ({e.strerror or e})") from None
+    if "\0" in text:
+        raise ConfigError(f"--config: {path} is not a text file (it holds NUL bytes)")
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except ConfigError as e:
+        raise ConfigError(f"--config: {path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
@@ -564,11 +661,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     if path is not None:
         path = Path(path)
         if not path.is_file():
+            if path.is_dir():
+                raise ConfigError(f"--config: {str(path)!r} is a directory, not a YAML file")
             raise ConfigError(f"--config: no such file {str(path)!r}")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        loaded = _read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"--config: {path} must hold a mapping of sections, got {type(loaded).__name__}")
         data = loaded or {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +91,15 @@ def ensure_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def init_local(backend: str) -> None:
+    """A process group of one that listens on no network interface: an in-memory store instead of the TCPStore
+    server (which binds every interface, ``*:MASTER_PORT``), and gloo/NCCL sockets on the loopback device unless
+    the user chose an interface. A world of one has no peer to reach."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
 def active() -> bool:
     """Whether collectives are needed: a process group with more than one member."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -142,4 +152,10 @@ def barrier() -> None:
 
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        ds_comm = sys.modules.get("deepspeed.comm.comm")
+        if ds_comm is not None and ds_comm.cdb is not None:
+            # through DeepSpeed, which then drops the groups it cached from this process group (a later run in the
+            # same process would otherwise reach them: "Group ... is not registered")
+            ds_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()

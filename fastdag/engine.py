@@ -20,6 +20,7 @@ import torch
 
 from fastdag.config import Config, ConfigError
 from fastdag.distributed import Shard, World
+from fastdag.state_io import load_state, safe_torch_load, save_state
 
 T = TypeVar("T")
 
@@ -63,7 +64,9 @@ class GroupClipper:
     step, after ZeRO 1/2 have reduced the gradients into each process's partition of a group (DeepSpeed calls the
     optimizer once per group there). With the gradients partitioned over processes (``partitioned``) the squared
     norms are summed over them first, so every process clips by the whole group's norm. The coefficient is
-    torch.nn.utils.clip_grad_norm_'s: max_norm / (norm + 1e-6), at most 1.
+    torch.nn.utils.clip_grad_norm_'s: max_norm / (norm + 1e-6), at most 1. A group whose norm is not finite is
+    not updated (its gradients are dropped; AdamW leaves it and its moments alone) and its norm is recorded as
+    such, for the divergence guard (fastdag.divergence): one host sync per group and optimizer step.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, max_norm: float, partitioned: bool):
@@ -82,12 +85,31 @@ class GroupClipper:
                 torch.distributed.all_reduce(sq)
             norm = sq.sqrt()
             self.norms[group["name"]] = norm.detach()
+            if not torch.isfinite(norm):
+                for p in group["params"]:
+                    p.grad = None
+                continue
             if grads and self.max_norm > 0:
                 torch._foreach_mul_(grads, (self.max_norm / (norm + 1e-6)).clamp(max=1.0))
 
     def total(self) -> torch.Tensor:
         """The pre-clip norm over all groups (what a joint clip would clip); on the device, no host sync."""
         return torch.stack(list(self.norms.values())).pow(2).sum().sqrt() if self.norms else torch.zeros(())
+
+
+def drop_non_finite_step(params: list[torch.nn.Parameter], norm: torch.Tensor | None) -> bool:
+    """Before an optimizer step: if the gradients' norm is not finite, drop the gradients (AdamW then leaves every
+    parameter and its moments alone) and return True. One host sync per optimizer step (fastdag.divergence)."""
+    if norm is None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return False
+        norm = torch.nn.utils.get_total_norm(grads)
+    if torch.isfinite(norm):
+        return False
+    for p in params:
+        p.grad = None
+    return True
 
 
 def make_optimizer(groups: list[dict], cfg: Config) -> torch.optim.Optimizer:
@@ -106,7 +128,7 @@ def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class TorchEngine:
-    STATE = "torch_engine.pt"
+    STATE = "torch_engine"  # torch_engine.json + torch_engine.safetensors (fastdag.state_io: no pickle)
 
     def __init__(self, module: torch.nn.Module, groups: list[dict], cfg: Config, accumulation: int):
         self.module = module
@@ -130,22 +152,31 @@ class TorchEngine:
         self.micro_steps += 1
         if self.micro_steps % self.accumulation:
             return False
-        if self.clipper is None and self.max_grad_norm > 0:
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm).detach()
-        self.optimizer.step()
         if self.clipper is not None:
+            self.optimizer.step()  # the clipper clips each group, drops a non-finite one and records the norms
             self.grad_norm = self.clipper.total()
+            self.optimizer.zero_grad(set_to_none=True)
+            return True
+        if self.max_grad_norm > 0:
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm).detach()
+        if drop_non_finite_step(self.params, self.grad_norm if self.max_grad_norm > 0 else None):
+            self.grad_norm = torch.tensor(float("nan"))  # the guard (fastdag.divergence) reads the drop from it
+            return True
+        if self.max_grad_norm == 0:
+            self.grad_norm = torch.zeros(())  # not measured without clipping (and no longer a dropped step's NaN)
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return True
 
     def save(self, directory: Path) -> None:
         """Single process (checked): one file with the trainable weights, the optimizer and the step count."""
         directory.mkdir(parents=True, exist_ok=True)
-        torch.save({"trainable": trainable_state(self.module), "optimizer": self.optimizer.state_dict(),
-                    "micro_steps": self.micro_steps, "grad_norm": self.grad_norm}, directory / self.STATE)
+        save_state(directory / self.STATE, {"trainable": trainable_state(self.module),
+                                             "optimizer": self.optimizer.state_dict(),
+                                             "micro_steps": self.micro_steps, "grad_norm": self.grad_norm})
 
     def load(self, directory: Path) -> None:
-        state = torch.load(directory / self.STATE, map_location="cpu", weights_only=False)
+        state = load_state(directory / self.STATE)
         params = dict(self.module.named_parameters())
         with torch.no_grad():
             for name, value in state["trainable"].items():
@@ -187,11 +218,15 @@ class DeepSpeedEngine:
                  device: torch.device):
         import deepspeed
 
-        from fastdag.distributed import ensure_env
+        from fastdag.distributed import ensure_env, init_local
 
         ensure_env()
         if not torch.distributed.is_initialized():
-            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if world.size == 1:  # no launcher (or a launcher of one): nothing may listen on the network
+                init_local(backend)
+            else:
+                deepspeed.init_distributed(dist_backend=backend)
         self.ds_config = deepspeed_config(cfg, shard, world, bf16=False)
         optimizer = make_optimizer(groups, cfg)
         self.clipper = None
@@ -220,7 +255,8 @@ class DeepSpeedEngine:
         boundary = self.engine.is_gradient_accumulation_boundary()
         own = None
         if boundary and self.clipper is not None:
-            self.engine.step()  # the clipper records the pre-clip group norms inside it
+            # inside it the clipper clips each group, drops a non-finite one and records the pre-clip norms
+            self.engine.step()
             self.grad_norm = self.clipper.total()
             return boundary
         if boundary and not self.engine.zero_optimization():
@@ -228,6 +264,8 @@ class DeepSpeedEngine:
             # so take the pre-clip norm of the full gradients here, as ZeRO 1/2 report it.
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
             own = torch.nn.utils.get_total_norm(grads) if grads else None
+            if own is not None and drop_non_finite_step(list(self.module.parameters()), own):
+                own = torch.tensor(float("nan"))  # ZeRO 1/2 skip such a step themselves; stage 0 needs this
         self.engine.step()
         if boundary:
             norm = self.engine.get_global_grad_norm()
@@ -241,6 +279,8 @@ class DeepSpeedEngine:
                                     save_latest=False, exclude_frozen_parameters=True)
 
     def load(self, directory: Path) -> None:
+        # DeepSpeed's files are pickles, which it reads with weights_only=False: read them with the allow-list.
+        self.engine.checkpoint_engine.load = safe_torch_load
         path, client = self.engine.load_checkpoint(str(directory), tag=self.TAG, load_module_strict=False,
                                                    load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:

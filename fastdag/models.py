@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from fastdag.config import ConfigError, LoraConfig, ModelConfig
+from fastdag.errors import without_trace_hints
 from fastdag.presets import PRESETS
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def load_pipeline(cfg: ModelConfig):
         return DiffusionPipeline.from_pretrained(str(path) if looks_local else name, revision=cfg.revision)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"model.pretrained: could not load {name!r}: {first}") from None
+        raise ConfigError(f"model.pretrained: could not load {name!r}: {without_trace_hints(first)}") from None
 
 
 def ddim_scheduler_from(scheduler):

@@ -15,11 +15,17 @@ from PIL import Image, ImageDraw, ImageFont
 from fastdag.config import Config, save_config
 
 
-def make_run_dir(cfg: Config) -> Path:
+def make_run_dir(cfg: Config, write_config: bool = True) -> Path:
     name = cfg.logging.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.dag.algorithm}"
-    run_dir = Path(cfg.logging.output_dir) / name
+    run_dir = Path(cfg.logging.output_dir).expanduser() / name
+    if not cfg.logging.run_name:  # never into an earlier run's directory, even one started the same second
+        k = 1
+        while run_dir.exists():
+            k += 1
+            run_dir = run_dir.with_name(f"{name}-{k}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if write_config:
+        save_config(cfg, run_dir / "config.yaml")
     return run_dir
 
 
@@ -31,18 +37,23 @@ class MetricsLog:
 
     def write(self, row: dict[str, Any]) -> None:
         with self.path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+            fh.write(json.dumps(finite_or_null(row), allow_nan=False) + "\n")
 
     def rewrite(self, rows: list[dict[str, Any]]) -> None:
         """Replace the file with ``rows`` (a resumed run: the checkpoint's rows), atomically by a rename."""
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        tmp.write_text("".join(json.dumps(finite_or_null(row), allow_nan=False) + "\n" for row in rows))
         tmp.replace(self.path)
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def finite_or_null(row: dict[str, Any]) -> dict[str, Any]:
+    """NaN and ±inf as null: JSON has no such numbers, and a file with them is not JSON any more."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
 def sample_grid(images: torch.Tensor, captions: list[str], cell: int = 128, columns: Optional[int] = None) -> Image.Image:

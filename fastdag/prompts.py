@@ -111,6 +111,16 @@ def _read_json(path: Path, exclude: set[str]) -> list[str]:
     raise ConfigError(f"prompts.source: {path} must be a list of strings or an object {{prompt: metadata}}")
 
 
+def _check_text(path: Path, source: str) -> None:
+    """A prompt file is UTF-8 text: anything else is one line, not a UnicodeDecodeError traceback."""
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"prompts.source: {source!r} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"prompts.source: cannot read {source!r} ({e.strerror or e})") from None
+
+
 def load_prompts(cfg: PromptsConfig) -> list[str]:
     """The prompts of ``prompts.source``; an unknown name, a missing file or no prompts is a ConfigError."""
     source = cfg.source
@@ -123,6 +133,7 @@ def load_prompts(cfg: PromptsConfig) -> list[str]:
                 f"prompts.source: {source!r} is neither a named set ({', '.join(sorted(NAMED_SETS))}) nor a file"
             )
         exclude = set(cfg.exclude_categories)
+        _check_text(path, source)
         suffix = path.suffix.lower()
         if suffix == ".csv":
             prompts = _read_csv(path, cfg.column, exclude)

@@ -15,10 +15,11 @@ from tqdm.auto import tqdm
 
 from fastdag import distributed
 from fastdag.checkpoint import (
-    ENGINE_DIR, TRAINER_STATE, checkpoint_name, latest_checkpoint, prune_checkpoints, rank_file, read_checkpoint,
-    save_checkpoint, save_flow, weights_digest,
+    ENGINE_DIR, TRAINER_STATE, checkpoint_name, checkpoint_write_failed, engine_meta, prune_checkpoints, rank_file,
+    read_checkpoint, save_checkpoint, save_flow, weights_digest,
 )
-from fastdag.config import Config, ConfigError, config_to_dict
+from fastdag.config import Config, ConfigError, config_to_dict, save_config
+from fastdag.divergence import DivergenceGuard
 from fastdag.distributed import World
 from fastdag.engine import build_engine, check_engine
 from fastdag.evaluation import Evaluation, Evaluator, write_report
@@ -27,11 +28,15 @@ from fastdag.models import build_model, ddim_step_schedule, resolve_device, step
 from fastdag.advantages import PerPromptStatTracker, epoch_normalised, group_advantages
 from fastdag.objectives import DDPO, GRPO, TransitionTerms, beta_at, build_objective
 from fastdag.outputs import MetricsLog, make_run_dir, save_sample_grid
+from fastdag.preflight import (
+    check_reward_prompts, check_run_dir, check_same_setup, choose_checkpoint, planned_run_dir, quiet_loading,
+)
 from fastdag.prompts import PromptSampler, load_prompts
-from fastdag.rewards import CheckedReward, build_reward
+from fastdag.rewards import CheckedReward, RewardError, build_reward
 from fastdag.profiling import PhaseTimer
 from fastdag.tracking import build_tracker
 from fastdag.rollout import OverlappedScorer, Trajectories, rollout_batch, score_latents, score_rollout, xhat0
+from fastdag.state_io import save_state
 import kernels
 
 log = logging.getLogger(__name__)
@@ -39,10 +44,6 @@ log = logging.getLogger(__name__)
 
 def _fmt(scores: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
-
-
-# Config sections a resumed run must share with its checkpoint (the weights and optimizer state depend on them).
-RESUME_MUST_MATCH = (("model", "pretrained"), ("lora",), ("dag", "algorithm"), ("dag", "flow"))
 
 
 class Trainer:
@@ -59,12 +60,16 @@ class Trainer:
         device = resolve_device(cfg.model.device)
         check_engine(cfg, device, self.world)
         self._check_resume(run_dir)
+        self._resume_checkpoint = self._preflight(run_dir)
         if device.type == "cuda" and device.index is None:
             torch.cuda.set_device(self.world.local_rank)  # one GPU per process on a node
         # Prompts and noise are drawn for the whole data-parallel batch from generators seeded alike on every
         # process; each process keeps its rows (``share``), so runs on 1 or N processes sample the same trajectories.
         self.prompts = PromptSampler(load_prompts(cfg.prompts), cfg.train.seed)
         self.reward = CheckedReward(cfg.reward.name, build_reward(cfg.reward.name, cfg.reward.kwargs), cfg.reward.batch_size)
+        check_reward_prompts(cfg, self.reward.fn, self.prompts.prompts)
+        if not cfg.logging.progress:
+            quiet_loading()
         torch.manual_seed(cfg.train.seed)
         self.model, lora_params = build_model(cfg.model, cfg.lora)
         self.device = self.model.device
@@ -97,6 +102,7 @@ class Trainer:
         # resume extends training without moving the schedule.
         self.beta_horizon = cfg.train.epochs
         self.rows: list[dict[str, Any]] = []  # the metrics rows so far (checkpointed)
+        self.guard = DivergenceGuard(skip=cfg.train.on_non_finite == "skip")
         self._plan: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
         self._epoch_prompts: list[str] = []  # the epoch's prompts over all processes, in global trajectory order
         # DDPO's per-prompt reward buffers persist across epochs (checkpointed)
@@ -278,6 +284,9 @@ class Trainer:
         self._plan = None
         timer = self.timer
         chunk = self.cfg.train.timesteps_per_micro_step
+        micro_steps = len(plan) * (n // self.shard.train_batch) * (self.num_train_steps // chunk)
+        updates, total_updates = 0, micro_steps // self.shard.micro_steps_per_update
+        self.guard.skipped = 0
         for order, step_order in plan:
             # Drawn on the host for reproducibility, moved to the device once per pass.
             order, step_order = order.to(self.device), step_order.to(self.device)  # [N], [N, T_train]
@@ -294,33 +303,43 @@ class Trainer:
                     with timer.phase("backward"):
                         self.engine.backward(loss)
                     with timer.phase("optimizer"):
-                        self.engine.step()
-                    for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0) + v
-                    count += 1
+                        updated = self.engine.step()
+                    self.guard.observe(metrics)
+                    if updated:  # the step's micro-steps count unless it was skipped (or the run stops here)
+                        updates += 1
+                        for kept in self.guard.settle(self.engine.grad_norm, self.epoch + 1, updates, total_updates):
+                            for k, v in kept.items():
+                                sums[k] = sums.get(k, 0) + v
+                            count += 1
                     if progress is not None:
                         progress.update(1)
         # means over this process's micro-steps, then over the processes (equal counts): the global means
         keys = sorted(sums)
-        means = distributed.mean_over_ranks(torch.stack([sums[k] / count for k in keys]).float())
-        out = dict(zip(keys, means.tolist()))
+        out: dict[str, float] = {}
+        if keys:  # none when every optimizer step of the epoch was skipped (the same on every process)
+            means = distributed.mean_over_ranks(torch.stack([sums[k] / count for k in keys]).float())
+            out = dict(zip(keys, means.tolist()))
         out["grad_norm"] = float(self.engine.grad_norm)
         for name, norm in (self.engine.clipper.norms if self.engine.clipper else {}).items():  # pre-clip, per group
             out[f"grad_norm_{name}"] = float(norm)
+        if self.guard.skip:
+            out["skipped_steps"] = self.guard.skipped
         return out
 
     # ----- loop ----------------------------------------------------------------------------------------------
     def fit(self) -> list[dict[str, Any]]:
         cfg = self.cfg
         if self.run_dir is None:  # rank 0 names and creates it; every process writes its checkpoint parts there
-            self.run_dir = Path(distributed.broadcast_object(str(make_run_dir(cfg)) if self.main else None))
+            made = str(make_run_dir(cfg, write_config=False)) if self.main else None
+            self.run_dir = Path(distributed.broadcast_object(made))
         run_dir = self.run_dir
         metrics_log = MetricsLog(run_dir / "metrics.jsonl")
-        # rank 0 picks the checkpoint, so every process resumes from the same one
-        checkpoint = distributed.broadcast_object(self._resume_from(run_dir) if self.main else None)
+        # rank 0's pick (checked in the constructor), so every process resumes from the same one
+        checkpoint = distributed.broadcast_object(self._resume_checkpoint if self.main else None)
         if checkpoint is not None:
             self.restore(checkpoint)
         if self.main:
+            save_config(cfg, run_dir / "config.yaml")  # after the resume is accepted: a refused one changes no file
             (run_dir / "samples").mkdir(exist_ok=True)
             metrics_log.rewrite(self.rows)  # rows past the checkpoint (written before a crash) are dropped
         tracker = build_tracker(cfg.logging.tracker if self.main else "none", run_dir, config_to_dict(cfg))
@@ -335,12 +354,12 @@ class Trainer:
             beta = beta_at(epoch, cfg.dag, self.beta_horizon)
             t0 = time.perf_counter()
             epochs.set_postfix_str("rollout")
-            trajs = self.sample_epoch()
+            trajs = self._in_epoch(epoch, "rollout", self.sample_epoch)
             t1 = time.perf_counter()
             epochs.set_postfix_str("update")
             with tqdm(total=updates_per_epoch, desc=f"epoch {epoch + 1} update", leave=False, unit="step",
                       disable=not (cfg.logging.progress and self.main)) as bar:
-                losses = self.train_epoch(trajs, beta, bar)
+                losses = self._in_epoch(epoch, "update", self.train_epoch, trajs, beta, bar)
             t2 = time.perf_counter()
             r = distributed.gather_trajectory_values(trajs.rewards)  # the epoch's rewards on all processes
             row = {
@@ -374,6 +393,16 @@ class Trainer:
         tracker.close()
         return self.rows
 
+    @staticmethod
+    def _in_epoch(epoch: int, phase: str, fn, *args):
+        """``fn(*args)``, a reward's failure named with the epoch and phase it happened in."""
+        try:
+            return fn(*args)
+        except RewardError as e:
+            err = RewardError(f"epoch {epoch + 1}, {phase}: {e}")
+            err.details = getattr(e, "details", None)
+            raise err from None
+
     # ----- checkpoints ---------------------------------------------------------------------------------------
     def _check_resume(self, run_dir: Optional[Path]) -> None:
         """Resume settings that cannot work, before any model loads."""
@@ -384,16 +413,12 @@ class Trainer:
         if resume not in (None, "latest") and not Path(resume).is_dir():
             raise ConfigError(f"train.resume: {resume!r} is neither latest nor a checkpoint directory")
 
-    def _resume_from(self, run_dir: Path) -> Optional[Path]:
-        resume = self.cfg.train.resume
-        if resume is None:
-            return None
-        if resume != "latest":
-            return Path(resume)
-        found = latest_checkpoint(run_dir / "checkpoints")
-        if found is None:
-            log.info("train.resume: no complete checkpoint in %s yet; starting from the beginning", run_dir)
-        return found
+    def _preflight(self, run_dir: Optional[Path]) -> Optional[Path]:
+        """The output directory, the run directory and the checkpoint to resume from, checked before any model
+        loads; returns that checkpoint (None: a fresh start)."""
+        run_dir = run_dir if run_dir is not None else planned_run_dir(self.cfg)
+        check_run_dir(self.cfg, run_dir)
+        return choose_checkpoint(self.cfg, run_dir, self.world)
 
     def _rng_state(self) -> dict[str, Any]:
         """Every random state this process draws from: a resume continues each stream where it stopped."""
@@ -425,16 +450,20 @@ class Trainer:
 
         def every_rank(tmp: Path) -> None:
             self.engine.save(tmp / ENGINE_DIR)
-            torch.save(rank_state, tmp / rank_file(self.world.rank))
+            save_state(tmp / rank_file(self.world.rank), rank_state)
 
         def main_rank(tmp: Path) -> None:
             self.model.save_lora(tmp)
             if self.flow is not None:
                 save_flow(tmp, self.flow)
-            torch.save(trainer_state, tmp / TRAINER_STATE)
+            save_state(tmp / TRAINER_STATE, trainer_state)
 
-        save_checkpoint(directory, self.world, every_rank=every_rank, main_rank=main_rank,
-                        meta={"epoch": self.epoch, "world_size": self.world.size})
+        meta = {"epoch": self.epoch, "world_size": self.world.size,
+                "engine": engine_meta(self.cfg.engine.backend, self.cfg.engine.zero_stage)}
+        try:
+            save_checkpoint(directory, self.world, every_rank=every_rank, main_rank=main_rank, meta=meta)
+        except OSError as e:  # a full disk, a lost mount: the half-written .tmp is never a checkpoint
+            raise checkpoint_write_failed(directory, e) from e
         if self.main:
             prune_checkpoints(directory.parent, self.cfg.checkpoint.keep_last)
         return directory
@@ -442,27 +471,16 @@ class Trainer:
     def restore(self, directory: Path) -> None:
         """Continue from a checkpoint: weights, optimizer, RNG streams, epoch, β horizon, metrics so far."""
         trainer_state, rank_state = read_checkpoint(directory, self.world)
-        saved, now = trainer_state["config"], config_to_dict(self.cfg)
-        for path in RESUME_MUST_MATCH:
-            a, b = _dig(saved, path), _dig(now, path)
-            if a != b:
-                raise ConfigError(f"train.resume: {directory} was trained with {'.'.join(path)}={a!r}, this config "
-                                  f"has {b!r}")
+        check_same_setup(trainer_state["config"], config_to_dict(self.cfg), directory)
         self.engine.load(directory / ENGINE_DIR)
         if weights_digest(self.engine.module) != rank_state["weights_digest"]:
-            raise RuntimeError(f"resuming from {directory}: the restored weights differ from the saved ones")
+            raise ConfigError(f"train.resume: {directory} is damaged (the restored weights differ from the saved ones)")
         self._set_rng_state(rank_state["rng"])
         self.epoch, self.beta_horizon = trainer_state["epoch"], trainer_state["beta_horizon"]
         self.rows = list(trainer_state["metrics"])
         self.evaluations = {k: _unpack_evaluation(v) for k, v in trainer_state["evaluations"].items()}
         self.stat_tracker.load_state_dict(trainer_state.get("stat_tracker", {}))
         log.info("resumed from %s after epoch %d of %d", directory, self.epoch, self.cfg.train.epochs)
-
-
-def _dig(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 def _pack_evaluation(e: Evaluation) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from fastdag.config import ConfigError, load_config
 from fastdag.distributed import World, shard
 from fastdag.engine import check_engine
 from fastdag.rollout import gaussian_rows
+from fastdag.state_io import load_state
 from fastdag.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,7 +159,7 @@ def two_process_run(tmp_path_factory):
 
 
 def _digests(checkpoint: Path) -> list[str]:
-    return [torch.load(checkpoint / f"rank-0000{r}.pt", weights_only=False)["weights_digest"] for r in (0, 1)]
+    return [load_state(checkpoint / f"rank-0000{r}")["weights_digest"] for r in (0, 1)]
 
 
 @pytest.mark.parametrize("launcher, overrides", [("torchrun", TORCHRUN_DB), ("deepspeed", DEEPSPEED_KL)])

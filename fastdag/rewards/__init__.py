@@ -53,12 +53,19 @@ def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
     return torch.tensor(sizes, dtype=torch.float32)
 
 
+def _jpeg_quality(quality: Any) -> int:
+    """reward.kwargs.quality as PIL's JPEG encoder takes it, checked before any model loads."""
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 0 <= quality <= 100:
+        raise ConfigError(f"reward.kwargs.quality: must be an integer in [0, 100] (JPEG quality), got {quality!r}")
+    return quality
+
+
 @register_reward("jpeg_compressibility")
 class JpegCompressibility:
     """r = −(JPEG size in kB at quality 95): higher for images that compress well."""
 
     def __init__(self, quality: int = 95):
-        self.quality = quality
+        self.quality = _jpeg_quality(quality)
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return -jpeg_size_kb(images, self.quality)
@@ -69,7 +76,7 @@ class JpegIncompressibility:
     """r = +(JPEG size in kB at quality 95): higher for images that compress badly."""
 
     def __init__(self, quality: int = 95):
-        self.quality = quality
+        self.quality = _jpeg_quality(quality)
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return jpeg_size_kb(images, self.quality)
@@ -134,9 +141,7 @@ class CheckedReward:
         out = []
         for i in range(0, images.shape[0], self.batch_size):
             chunk, chunk_prompts = images[i : i + self.batch_size], list(prompts[i : i + self.batch_size])
-            r = self.fn(chunk, chunk_prompts)
-            if not isinstance(r, torch.Tensor):
-                r = torch.as_tensor(np.asarray(r))
+            r = call_reward(self.name, self.fn, chunk, chunk_prompts)
             if r.shape != (chunk.shape[0],):
                 raise RewardError(
                     f"reward {self.name!r} returned shape {tuple(r.shape)} for {chunk.shape[0]} images; "
@@ -148,6 +153,34 @@ class CheckedReward:
                 raise RewardError(f"reward {self.name!r} returned non-finite values {bad}")
             out.append(r)
         return torch.cat(out)
+
+
+def call_reward(name: str, fn: RewardFn, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """``fn(images, prompts)`` as a numeric tensor. The reward's own exception becomes a one-line RewardError naming
+    the reward and the exception, its traceback kept in ``.details`` (the CLI writes it to the run's error.log);
+    an output that is not numbers (None, strings, objects) is a RewardError saying what came back."""
+    import traceback
+
+    try:
+        r = fn(images, prompts)
+    except Exception as e:  # noqa: BLE001 - any failure of user code is reported, not re-raised as a traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        err = RewardError(f"reward {name!r} raised {type(e).__name__}" + (f": {first}" if first else ""))
+        err.details = traceback.format_exc()
+        raise err from None
+    if not isinstance(r, torch.Tensor):
+        try:
+            arr = np.asarray(r)
+        except Exception:  # noqa: BLE001 - ragged or exotic objects
+            arr = np.asarray(None)
+        if arr.dtype.kind not in "biuf":
+            what = repr(r) if len(repr(r)) <= 60 else repr(r)[:57] + "..."
+            raise RewardError(f"reward {name!r} returned {type(r).__name__} {what}, not numbers; "
+                              f"expected a float tensor [{images.shape[0]}]")
+        r = torch.as_tensor(arr)
+    if r.is_complex():
+        raise RewardError(f"reward {name!r} returned complex numbers; expected a float tensor [{images.shape[0]}]")
+    return r
 
 
 # The model rewards, each in its own module; importing them only registers them (transformers loads on first use).

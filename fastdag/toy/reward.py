@@ -59,6 +59,12 @@ class ShapesAlignmentReward:
         """The prompts' scenes in slot layout; ValueError naming the first prompt that is not a caption."""
         return SceneTargets.from_scenes([parse_caption(p) for p in prompts]).to(device)
 
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """ValueError naming the first prompt that is not a caption of the world: the trainer asks before any
+        model loads (``fastdag.preflight``), instead of failing after a rollout."""
+        for prompt in dict.fromkeys(prompts):
+            parse_caption(prompt)
+
     def _checked(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[ClassifierOutput, SceneTargets]:
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
