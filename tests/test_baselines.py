@@ -109,3 +109,23 @@ def test_ddpo_per_prompt_tracking_is_the_default_and_epoch_a_switch(tmp_path):
         torch.testing.assert_close(adv.cpu(), expected.float(), rtol=1e-4, atol=1e-4)  # first epoch: under min_count
         if mode == "per_prompt":
             assert sum(len(v) for v in trainer.stat_tracker.state_dict().values()) == len(trajs)
+
+
+def test_ddpo_resume_restores_the_per_prompt_buffers(tmp_path):
+    """4 epochs vs 2 + a resume for 3-4: the same rows, so the buffers (which decide epoch 3's advantages: without
+    them it would fall back to the batch's statistics) came back from the checkpoint."""
+    import json
+
+    run = ["dag.algorithm=ddpo", "train.epochs=4", "checkpoint.every_n_epochs=1", "prompts.source=empty",
+           "reward.name=brightness", "dag.stat_buffer=8", "dag.stat_min_count=6"]
+    Trainer(tiny_cfg(tmp_path, *run, "logging.run_name=ref")).fit()
+    resumed = Trainer(tiny_cfg(tmp_path, *run, "logging.run_name=resumed",
+                               f"train.resume={tmp_path / 'ref/checkpoints/epoch-0002'}"))
+    resumed.fit()
+
+    def rows(name):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if not k.endswith("_seconds")} for line in lines]
+
+    assert rows("resumed") == rows("ref")
+    assert len(resumed.stat_tracker.state_dict()[""]) == 8
