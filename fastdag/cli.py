@@ -206,6 +206,12 @@ def serve_reward_main(argv: list[str]) -> int:
         return _fail(str(e))
 
 
+def evaluate_main(argv: list[str]) -> int:
+    from fastdag.evaluate import main as evaluate
+
+    return evaluate(argv)
+
+
 def toy_main(argv: list[str]) -> int:
     if not argv or argv[0] != "pretrain":
         print("usage: fastdag toy pretrain --out DIR [...]  (pretrain the shapes-world model; --help for options)",
@@ -221,6 +227,7 @@ COMMANDS = {
     "profile": (profile_main, "time one epoch of a config by phase: fastdag profile --config X [key=value ...]"),
     "rewards": (rewards_main, "list the registered rewards and metrics"),
     "prompts": (prompts_main, "list the named prompt sets"),
+    "evaluate": (evaluate_main, "held-out evaluation of a run or checkpoint: fastdag evaluate RUN_DIR [key=value]"),
     "serve-reward": (serve_reward_main, "serve a reward over HTTP for reward.name=remote: fastdag serve-reward NAME"),
     "toy": (toy_main, "the embedded default's recipes: fastdag toy pretrain --out DIR"),
 }
