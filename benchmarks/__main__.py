@@ -7,6 +7,7 @@
     python -m benchmarks xhat-modes [...]                      # benchmarks.bench_xhat_modes
     python -m benchmarks gradient-signal [...]                 # signal vs noise in one epoch's DB gradient
     python -m benchmarks gpu-check [--dry-run | --prepare-wheels]  # everything that needs a GPU, one command
+    python -m benchmarks sample-efficiency --config C [...]    # algorithms at equal trajectory budgets
 """
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ def main(argv=None) -> int:
         from benchmarks import bench_xhat_modes
 
         bench_xhat_modes.main(rest)
+    elif command == "sample-efficiency":
+        from benchmarks import sample_efficiency
+
+        return sample_efficiency.main(rest)
     elif command == "gpu-check":
         from benchmarks import gpu_check
 
