@@ -7,8 +7,9 @@ with cross-attention, AutoencoderKL, DDIMScheduler with SD's scaled-linear betas
 1. the AutoencoderKL learns to reconstruct world images (MSE plus a small KL), 32 × 32 RGB <-> 4 × 8 × 8
    latents; the latent scaling factor is 1 / std of the latents, stored in the VAE config as SD does;
 2. the UNet and the text encoder learn jointly to predict the noise ε of noised latents (the DDPM loss of Ho et
-   al. 2020, Eq. 14), captions dropped to "" 10% of the time so that classifier-free guidance works, with an
-   EMA of both (the EMA weights are the ones shipped);
+   al. 2020, Eq. 14), on captions whose attribute phrases (all but the kinds) are each dropped with probability
+   0.3, so that partial prompts ("a red circle") are in distribution; captions dropped to "" 10% of the time so
+   that classifier-free guidance works; with an EMA of both (the EMA weights are the ones shipped);
 3. the pipeline is evaluated on the held-out prompts, never seen in training, with the shapes classifier
    (`evaluate_pipeline`), and saved with `recipe_metrics.json` beside it.
 
@@ -40,7 +41,7 @@ from tqdm.auto import tqdm
 
 from fastdag.presets import sd_pipeline, small_clip_text_encoder, small_vae, word_level_clip_tokenizer
 from fastdag.toy.reward import ShapesAlignmentReward
-from fastdag.toy.world import parse_caption, sample_batch, shapes_prompts, world_vocabulary
+from fastdag.toy.world import ATTRIBUTE_DROPOUT, parse_caption, sample_batch, shapes_prompts, world_vocabulary
 
 METRICS_NAME = "recipe_metrics.json"
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets" / "shapes-tiny"
@@ -75,6 +76,9 @@ class Recipe:
     snr_gamma: float = 5.0
     caption_dropout: float = 0.1
     """Fraction of captions replaced by "" (the unconditional prompt of classifier-free guidance)."""
+    attribute_dropout: float = ATTRIBUTE_DROPOUT
+    """Probability that each attribute phrase but the kind is left out of a UNet-step caption, independently
+    (`fastdag.toy.world.drop_attributes`; why this value: `ATTRIBUTE_DROPOUT`). 0 trains on full captions only."""
     train_text_encoder: bool = True
     """Train the text encoder with the UNet; False keeps its random initial weights."""
     ema_decay: float = 0.995
@@ -108,6 +112,8 @@ class Recipe:
             raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if not 0.0 <= self.attribute_dropout < 1.0:
+            raise ValueError(f"attribute_dropout must be in [0, 1), got {self.attribute_dropout}")
         if not 1 <= self.unet_attention_levels <= len(self.unet_channels):
             raise ValueError(f"unet_attention_levels must be in [1, {len(self.unet_channels)}]")
         if any(c % self.attention_head_dim for c in self.unet_channels[: self.unet_attention_levels]):
@@ -254,7 +260,8 @@ def train_denoiser(pipe, recipe: Recipe, seed: int, progress: bool = True) -> di
     """Trains the UNet and the text encoder jointly with the ε-prediction loss on VAE latents.
 
     Loss: E_{x0, c, t, ε} ‖ε − ε_θ(√ᾱ_t z0 + √(1−ᾱ_t) ε, t, τ(c))‖², z0 = scaling_factor · (posterior sample of
-    x0), t uniform on the scheduler's 1000 training steps, c replaced by "" with probability caption_dropout.
+    x0), t uniform on the scheduler's 1000 training steps, c a caption with attribute phrases dropped
+    (`Recipe.attribute_dropout`), replaced by "" with probability caption_dropout.
     At the end the EMA weights are copied into the models. Returns the loss log.
     """
     unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
@@ -285,7 +292,7 @@ def train_denoiser(pipe, recipe: Recipe, seed: int, progress: bool = True) -> di
     text_encoder.train()
     bar = tqdm(range(recipe.unet_steps), desc="shapes-tiny UNet", disable=not progress)
     for step in bar:
-        batch = sample_batch(data_rng, recipe.batch_size)
+        batch = sample_batch(data_rng, recipe.batch_size, attribute_dropout=recipe.attribute_dropout)
         with torch.no_grad():
             z0 = vae.encode(batch.images * 2 - 1).latent_dist.sample(generator=gen) * scale  # [B, 4, 8, 8]
         dropped = (torch.rand(len(batch.captions), generator=gen) < recipe.caption_dropout).tolist()
