@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fastdag.toy import pretrain as recipe_module
-from fastdag.toy.pretrain import METRICS_NAME, SHIPPED_DIR, evaluate_pipeline, pretrain, world_tokenizer
-from fastdag.toy.world import shapes_prompts, world_vocabulary
+from fastdag.toy.pretrain import METRICS_NAME, SHIPPED_DIR, Recipe, evaluate_pipeline, pretrain, world_tokenizer
+from fastdag.toy.world import ATTRIBUTE_DROPOUT, parse_prompt, shapes_prompts, world_vocabulary
 
 # A few steps of each phase and an evaluation of 2 prompts × 1 sample × 2 DDIM steps: seconds on 2 CPU threads.
 TINY = dict(
@@ -60,6 +60,22 @@ def test_short_pretrain_saves_a_loadable_pipeline(tmp_path) -> None:
     assert pipe.vae.config.scaling_factor == pytest.approx(metrics["latents"]["scaling_factor"])
     images = _generate(pipe, shapes_prompts("heldout")[0], steps=2)
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_denoiser_trains_on_partial_captions(tmp_path, monkeypatch) -> None:
+    seen: list[str] = []
+    real = recipe_module.sample_batch
+
+    def recording(*args, **kwargs):
+        batch = real(*args, **kwargs)
+        if kwargs.get("attribute_dropout"):
+            seen.extend(batch.captions)
+        return batch
+
+    monkeypatch.setattr(recipe_module, "sample_batch", recording)
+    pretrain(tmp_path, seed=0, **{**TINY, "unet_steps": 8, "batch_size": 8})
+    assert Recipe().attribute_dropout == ATTRIBUTE_DROPOUT > 0
+    assert len(seen) == 64 and not all(parse_prompt(c).full for c in seen)
 
 
 def test_unknown_recipe_setting_is_an_error(tmp_path) -> None:
