@@ -321,6 +321,39 @@ def train_denoiser(pipe, recipe: Recipe, seed: int, progress: bool = True) -> di
 
 
 @torch.no_grad()
+def sample_pipeline(
+    pipe,
+    prompts: Sequence[str],
+    samples_per_prompt: int = 4,
+    num_steps: int = 20,
+    guidance_scale: float = 5.0,
+    seed: int = 0,
+    eta: float = 0.0,
+    batch_size: int = 64,
+) -> tuple[torch.Tensor, list[str]]:
+    """Samples `samples_per_prompt` images per prompt with the pipeline's own call (see `evaluate_pipeline`).
+
+    Returns images float [P · samples_per_prompt, 3, H, W] in [0, 1], prompt-major, and the prompt of each.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    per_call = max(1, batch_size // samples_per_prompt)
+    images = []
+    for start in range(0, len(prompts), per_call):
+        chunk = list(prompts[start : start + per_call])
+        out = pipe(
+            chunk,
+            num_inference_steps=num_steps,
+            guidance_scale=guidance_scale,
+            num_images_per_prompt=samples_per_prompt,
+            eta=eta,
+            generator=generator,
+            output_type="pt",
+        )
+        images.append(out.images.float().cpu())
+    return torch.cat(images), [p for p in prompts for _ in range(samples_per_prompt)]
+
+
+@torch.no_grad()
 def evaluate_pipeline(
     pipe,
     prompts: Sequence[str],
@@ -345,23 +378,8 @@ def evaluate_pipeline(
     prompt 0, then of prompt 1, ...), ``prompts`` (the prompt of each image), and the sampling settings.
     """
     reward = reward or ShapesAlignmentReward()
-    generator = torch.Generator().manual_seed(seed)
-    per_call = max(1, batch_size // samples_per_prompt)
-    images = []
-    for start in range(0, len(prompts), per_call):
-        chunk = list(prompts[start : start + per_call])
-        out = pipe(
-            chunk,
-            num_inference_steps=num_steps,
-            guidance_scale=guidance_scale,
-            num_images_per_prompt=samples_per_prompt,
-            eta=eta,
-            generator=generator,
-            output_type="pt",
-        )
-        images.append(out.images.float().cpu())
-    images_t = torch.cat(images)  # [P * k, 3, H, W]
-    repeated = [p for p in prompts for _ in range(samples_per_prompt)]
+    images_t, repeated = sample_pipeline(pipe, prompts, samples_per_prompt, num_steps, guidance_scale, seed, eta,
+                                         batch_size)
     scores = reward.attribute_accuracy(images_t, repeated)
     scores["reward"] = reward(images_t, repeated)
     n_shapes = torch.tensor([len(parse_caption(p).shapes) for p in repeated])
