@@ -180,3 +180,26 @@ def test_unstated_distributions_and_their_entropy() -> None:
     assert normalised_entropy({"a": 5, "b": 5}) == pytest.approx(1.0)
     assert normalised_entropy({"a": 5, "b": 0}) == 0.0 and math.isnan(normalised_entropy({"a": 0, "b": 0}))
     assert normalised_entropy(counts["background"]) == pytest.approx(math.log(3) / math.log(4))
+
+
+@shipped
+def test_base_figures_measure_a_pipeline(monkeypatch) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from fastdag.toy import base_figures
+    from fastdag.toy.pretrain import SHIPPED_DIR
+
+    monkeypatch.setattr(base_figures, "prompt_sets", lambda: {
+        "heldout_full": (["a large orange triangle at the top right on a gray background"], 2),
+        "aesthetic_all": (["a red circle", "a blue square"], 2),
+    })
+    pipe = StableDiffusionPipeline.from_pretrained(str(SHIPPED_DIR))
+    pipe.set_progress_bar_config(disable=True)
+    figures = base_figures.measure(pipe, num_steps=2)
+    assert figures["heldout_full"]["images"] == 2 and figures["aesthetic_all"]["prompts"] == 2
+    assert set(figures["aesthetic_all"]["unstated"]) == {"size", "position", "background"}
+    entropy = figures["bars"]["unstated_entropy"]
+    assert set(entropy["values"]) == {f"aesthetic_all.{a}.{k}" for a in ("size", "position", "background")
+                                      for k in ("pooled", "per_prompt_mean")}
+    assert entropy["met"] == all(v >= 0.8 for v in entropy["values"].values())
+    assert figures["bars"]["kind"]["met"] == (figures["heldout_full"]["stated_accuracy"]["kind"] >= 0.85)

@@ -3,9 +3,10 @@
 - held-out full captions (`shapes-heldout`, scenes never trained on): the judge's stated-attribute accuracy;
   bars kind >= 85%, colour >= 80%;
 - partial prompts (the aesthetic task's 18 kind-and-colour prompts, the compress task's 12 kind-only prompts,
-  the align task's 64 held-out partial captions): each unstated attribute's distribution over the samples,
-  normalised entropy >= 0.8 (pooled over a set's samples; the per-prompt mean and minimum are reported too),
-  and the aesthetic taste rate (the task asks for 10-20% in the base model).
+  the first 32 of the align task's held-out partial captions): each unstated attribute's distribution over the
+  samples, normalised entropy >= 0.8, both pooled over a set's samples and as the mean over its prompts (16
+  samples each: a uniform draw reads ~0.91-0.95 there, the plug-in estimate's bias); the per-prompt minimum is
+  reported too; and the aesthetic taste rate (the task asks for 10-20% in the base model).
 
     python -m fastdag.toy.base_figures --model DIR --out figures.json   # ~1,000 samples, minutes on one core
 """
@@ -35,7 +36,7 @@ def prompt_sets() -> dict[str, tuple[list[str], int]]:
         "heldout_full": (shapes_prompts("heldout"), 4),
         "aesthetic_all": (aesthetic, 16),
         "compress_all": (compress, 16),
-        "align_heldout_partial": (shapes_task_prompts("align", "heldout")[1::2], 4),
+        "align_heldout_partial": (shapes_task_prompts("align", "heldout")[1::2][:32], 16),
     }
 
 
@@ -48,11 +49,15 @@ def measure(pipe, seed: int = 0, eta: float = 1.0, num_steps: int = 20, guidance
         images, repeated = sample_pipeline(pipe, prompts, k, num_steps, guidance_scale, seed, eta)
         figures[name] = judge_summary(images, repeated, judge)
     full = figures["heldout_full"]["stated_accuracy"]
+    # Pooled over a set's samples, and the mean over its prompts of each prompt's own samples: the pooled figure
+    # alone hides a model that gives every prompt one background, a different one per prompt.
     entropies = {
-        f"{name}.{attribute}": summary["normalised_entropy"]
+        f"{name}.{attribute}.{kind}": value
         for name, summary in figures.items()
         if name != "heldout_full" and isinstance(summary, dict) and "unstated" in summary
-        for attribute, summary in summary["unstated"].items()
+        for attribute, figures_ in summary["unstated"].items()
+        for kind, value in (("pooled", figures_["normalised_entropy"]),
+                            ("per_prompt_mean", figures_["per_prompt_normalised_entropy"]["mean"]))
     }
     figures["bars"] = {
         "kind": {"value": full["kind"], "bar": BARS["kind"], "met": full["kind"] >= BARS["kind"]},
