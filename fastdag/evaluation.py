@@ -8,6 +8,7 @@ to `evaluation.json` beside it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -114,7 +115,7 @@ def plot_unstated(before: dict, after: dict, path: Path) -> bool:
                    label=label)
         ax.set_xticks(range(len(values)), values, rotation=45, ha="right")
         ax.set_title(f"unstated {name}")
-        ax.set_ylabel("share of samples")
+        ax.set_ylabel("share of shapes seen" if name != "background" else "share of samples")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -160,6 +161,8 @@ def write_report(run_dir: Path, rows: list[dict], before: Optional[Evaluation], 
                   "| score | base model | after training | change |", "| --- | --- | --- | --- |"]
         for k in before.scores:
             b, a = before.scores[k], after.scores[k]
+            if math.isnan(b) and math.isnan(a):
+                continue  # a metric entry that no prompt of the set states
             lines.append(f"| {k} | {b:.4g} | {a:.4g} | {a - b:+.4g} |")
         if before.summary is not None and after.summary is not None:
             (run_dir / "evaluation.json").write_text(
