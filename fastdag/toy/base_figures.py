@@ -76,6 +76,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     p.add_argument("--out", required=True, help="JSON file for the figures")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1: the trainer's sampler)")
+    p.add_argument("--guidance-scale", type=float, default=5.0, help="CFG weight (the task configs use 5)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(None if argv is None else list(argv))
     from diffusers import StableDiffusionPipeline
@@ -84,7 +85,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     pipe = StableDiffusionPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()
-    figures = measure(pipe, seed=args.seed, eta=args.eta)
+    figures = measure(pipe, seed=args.seed, eta=args.eta, guidance_scale=args.guidance_scale)
     figures["model"] = str(args.model)
     figures["seconds"] = round(time.perf_counter() - start, 1)
     Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
