@@ -88,10 +88,11 @@ def test_main_runs_the_recipe(tmp_path, monkeypatch, capsys) -> None:
     tiny_eval = {k: TINY[k] for k in ("vae_batch_size", "scaling_images", "eval_prompts", "eval_samples_per_prompt", "eval_steps")}
     monkeypatch.setattr(recipe_module, "pretrain", functools.partial(pretrain, **tiny_eval))
     argv = ["--out", str(tmp_path), "--seed", "1", "--vae-steps", "1", "--unet-steps", "2", "--batch-size", "2",
-            "--threads", str(torch.get_num_threads()), "--no-progress"]
+            "--attribute-dropout", "0.5", "--threads", str(torch.get_num_threads()), "--no-progress"]
     assert recipe_module.main(argv) == 0
     saved = json.loads((tmp_path / METRICS_NAME).read_text())
     assert saved["recipe"]["vae_steps"] == 1 and saved["recipe"]["batch_size"] == 2 and saved["seed"] == 1
+    assert saved["recipe"]["attribute_dropout"] == 0.5
     assert "heldout_accuracy" in json.loads(capsys.readouterr().out)
     assert (tmp_path / "model_index.json").is_file()
 

@@ -545,6 +545,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
     p.add_argument("--unet-steps", type=int, default=defaults.unet_steps)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per UNet step")
+    p.add_argument("--attribute-dropout", type=float, default=defaults.attribute_dropout,
+                   help="probability of leaving out each attribute phrase but the kind (0: full captions only)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; shipped: 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -559,6 +561,7 @@ def main(argv: Optional[Iterable[str]] = None, prog: str = "fastdag toy pretrain
             vae_steps=args.vae_steps,
             unet_steps=args.unet_steps,
             batch_size=args.batch_size,
+            attribute_dropout=args.attribute_dropout,
             progress=not args.no_progress,
             threads=args.threads,
         )
