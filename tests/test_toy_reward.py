@@ -10,8 +10,8 @@ from fastdag.rewards import build_reward
 from fastdag.toy.classifier import realism_log_prob
 from fastdag.toy.negatives import NEGATIVE_TYPES, make_negatives
 from fastdag.toy.prompt_sets import shapes_task_prompts
-from fastdag.toy.reward import ShapesAestheticReward, ShapesAlignmentReward, prompt_targets
-from fastdag.toy.world import Scene, Shape, parse_prompt, render, shapes_prompts
+from fastdag.toy.reward import AESTHETIC_TASTE, ShapesAestheticReward, ShapesAlignmentReward, prompt_targets
+from fastdag.toy.world import BACKGROUND_NAMES, SIZE_NAMES, Scene, Shape, parse_prompt, render, shapes_prompts
 
 SEED = 31337
 
@@ -69,22 +69,27 @@ def test_negatives_score_below_renders(alignment: ShapesAlignmentReward, aesthet
 
 
 def test_aesthetic_prefers_the_taste_but_never_over_the_prompt(aesthetic: ShapesAestheticReward) -> None:
+    liked_size, liked_background = AESTHETIC_TASTE.size, AESTHETIC_TASTE.background
+    other_size = next(s for s in SIZE_NAMES if s != liked_size)
+    other_background = next(b for b in BACKGROUND_NAMES if b != liked_background)
     scenes = {
-        "taste": _circle(),
-        "small": _circle(size="small"),
-        "black": _circle(background="black"),
-        "neither": _circle(size="small", background="black"),
-        "wrong colour, taste": _circle(colour="blue"),
-        "wrong kind, taste": Scene((Shape("square", "red", "large", "top left"),), "white"),
+        "taste": _circle(size=liked_size, background=liked_background),
+        "size missed": _circle(size=other_size, background=liked_background),
+        "background missed": _circle(size=liked_size, background=other_background),
+        "neither": _circle(size=other_size, background=other_background),
+        "wrong colour, taste": _circle(colour="blue", size=liked_size, background=liked_background),
+        "wrong kind, taste": Scene((Shape("square", "red", liked_size, "top left"),), liked_background),
     }
     r = dict(zip(scenes, aesthetic(_images(*scenes.values()), ["a red circle"] * len(scenes)).tolist()))
-    assert r["taste"] > r["small"] > r["neither"] and r["taste"] > r["black"] > r["neither"]
+    assert r["taste"] > r["size missed"] > r["neither"] and r["taste"] > r["background missed"] > r["neither"]
     assert r["neither"] > r["wrong colour, taste"] and r["neither"] > r["wrong kind, taste"]
     # Position is not in the taste: moving the shape changes the reward little.
-    moved = aesthetic(_images(_circle(position="bottom right")), ["a red circle"]).item()
+    moved = aesthetic(_images(_circle(size=liked_size, position="bottom right", background=liked_background)),
+                      ["a red circle"]).item()
     assert abs(moved - r["taste"]) < 0.1
     # A stated size or background overrides the taste.
-    stated = aesthetic(_images(_circle(size="small", background="black")), ["a small red circle on a black background"])
+    stated = aesthetic(_images(_circle(size=other_size, background=other_background)),
+                       [f"a {other_size} red circle on a {other_background} background"])
     assert stated.item() > r["neither"] + 0.3
 
 
