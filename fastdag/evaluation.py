@@ -1,6 +1,14 @@
-"""Evaluation on held-out prompts (reward and an optional metric), and the run's at-a-glance report."""
+"""Evaluation on held-out prompts (reward and an optional metric), and the run's at-a-glance report.
+
+A metric may also summarise a whole sample set (a `summary(images, prompts) -> dict` method, as the shapes
+world's judge does: taste rate, stated-attribute accuracy, realism, the distributions of unstated attributes);
+the report then shows those figures before and after, draws the distributions as bar charts, and writes them
+to `evaluation.json` beside it.
+"""
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -22,6 +30,7 @@ class Evaluation:
     scores: dict[str, float]
     prompts: list[str]  # N = prompts x samples_per_prompt, prompt-major
     images: torch.Tensor  # [N, 3, H, W] in [0, 1]
+    summary: Optional[dict] = None  # the metric's figures of the whole set, JSON-able (metrics with `summary`)
 
 
 class Evaluator:
@@ -50,8 +59,10 @@ class Evaluator:
         self.model.unet.train(was_training)
         scores = {"reward": self.reward(images, self.prompts).mean().item()}
         if self.metric is not None:
-            scores.update({k: v.float().mean().item() for k, v in self.metric(images, self.prompts).items()})
-        return Evaluation(scores, self.prompts, images)
+            # nanmean: a metric marks with NaN what it cannot score on an image (an attribute its prompt leaves out).
+            scores.update({k: v.float().nanmean().item() for k, v in self.metric(images, self.prompts).items()})
+        summary = self.metric.summary(images, self.prompts) if hasattr(self.metric, "summary") else None
+        return Evaluation(scores, self.prompts, images, summary)
 
     def grid(self, evaluation: Evaluation):
         """The first sample of each of the first ``eval.grid_prompts`` prompts, captioned."""
@@ -63,6 +74,53 @@ class Evaluator:
 def trailing_mean(values: list[float], window: int) -> list[float]:
     """values[i] averaged with up to window − 1 predecessors."""
     return [sum(values[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+
+
+def _summary_lines(before: dict, after: dict) -> list[str]:
+    """Markdown rows of a metric summary's headline figures (taste rate, realism, stated accuracy, entropies)."""
+    rows: list[tuple[str, Optional[float], Optional[float]]] = []
+    for key in ("taste_rate", "realism", "realism_rate"):
+        if key in before:
+            rows.append((key, before[key], after.get(key)))
+    for name, value in before.get("stated_accuracy", {}).items():
+        rows.append((f"stated {name} accuracy", value, after.get("stated_accuracy", {}).get(name)))
+    for name, figures in before.get("unstated", {}).items():
+        rows.append((f"unstated {name}: normalised entropy", figures["normalised_entropy"],
+                     after.get("unstated", {}).get(name, {}).get("normalised_entropy")))
+    lines = ["| figure | base model | after training | change |", "| --- | --- | --- | --- |"]
+    for name, b, a in rows:
+        if b is None or a is None:
+            continue
+        lines.append(f"| {name} | {b:.4g} | {a:.4g} | {a - b:+.4g} |")
+    return lines
+
+
+def plot_unstated(before: dict, after: dict, path: Path) -> bool:
+    """Bar charts, one per unstated attribute, of its values' shares before and after; False if none."""
+    names = [n for n in before.get("unstated", {}) if n in after.get("unstated", {})]
+    if not names:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.0), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        values = list(before["unstated"][name]["counts"])
+        for offset, (label, summary) in zip((-0.2, 0.2), (("base model", before), ("after training", after))):
+            counts = summary["unstated"][name]["counts"]
+            total = max(1, sum(counts.values()))
+            ax.bar([i + offset for i in range(len(values))], [counts[v] / total for v in values], width=0.4,
+                   label=label)
+        ax.set_xticks(range(len(values)), values, rotation=45, ha="right")
+        ax.set_title(f"unstated {name}")
+        ax.set_ylabel("share of shapes seen" if name != "background" else "share of samples")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def write_report(run_dir: Path, rows: list[dict], before: Optional[Evaluation], after: Optional[Evaluation],
@@ -103,7 +161,19 @@ def write_report(run_dir: Path, rows: list[dict], before: Optional[Evaluation], 
                   "| score | base model | after training | change |", "| --- | --- | --- | --- |"]
         for k in before.scores:
             b, a = before.scores[k], after.scores[k]
+            if math.isnan(b) and math.isnan(a):
+                continue  # a metric entry that no prompt of the set states
             lines.append(f"| {k} | {b:.4g} | {a:.4g} | {a - b:+.4g} |")
+        if before.summary is not None and after.summary is not None:
+            (run_dir / "evaluation.json").write_text(
+                json.dumps({"before": {"scores": before.scores, **before.summary},
+                            "after": {"scores": after.scores, **after.summary}}, indent=2) + "\n"
+            )
+            lines += ["", f"### Figures of the `{e.metric}` metric (all numbers in `evaluation.json`)", ""]
+            lines += _summary_lines(before.summary, after.summary)
+            if plot_unstated(before.summary, after.summary, run_dir / "unstated_attributes.png"):
+                lines += ["", "Attributes the prompts leave out, as the metric sees them:", "",
+                          "![unstated attributes](unstated_attributes.png)"]
         evaluator.grid(before).save(run_dir / "samples_before.png")
         evaluator.grid(after).save(run_dir / "samples_after.png")
         lines += ["", "## Samples: base model (left) and after training (right), same prompts and seeds", "",

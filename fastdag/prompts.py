@@ -72,6 +72,21 @@ NAMED_SETS["hpdv2"] = lambda: _hpdv2(heldout=False)
 NAMED_SETS["hpdv2-heldout"] = lambda: _hpdv2(heldout=True)
 
 
+def _shapes_task(task: str, split: str) -> Callable[[], list[str]]:
+    def load() -> list[str]:
+        from fastdag.toy.prompt_sets import shapes_task_prompts
+
+        return shapes_task_prompts(task, split)  # type: ignore[arg-type]
+
+    return load
+
+
+# The shapes world's tasks (fastdag.toy.prompt_sets): prompts that leave attributes for the reward to choose.
+for _task in ("aesthetic", "align", "compress"):
+    NAMED_SETS[f"shapes-{_task}"] = _shapes_task(_task, "train")
+    NAMED_SETS[f"shapes-{_task}-heldout"] = _shapes_task(_task, "heldout")
+
+
 def register_prompt_set(name: str, loader: Callable[[], list[str]]) -> None:
     NAMED_SETS[name] = loader
 

@@ -1,4 +1,5 @@
 """The embedded default end to end: the shipped shapes-tiny pipeline through plain diffusers and the trainer."""
+import json
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_shapes_tiny_loads_offline_and_trains_one_epoch(tmp_path, monkeypatch) -> None:
+TINY_BUDGET = [
+    "sample.num_steps=4", "sample.batch_size=4", "sample.num_batches_per_epoch=1", "train.batch_size=4",
+    "train.gradient_accumulation_steps=1", "train.timesteps_per_micro_step=2", "train.timestep_fraction=0.5",
+    "eval.samples_per_prompt=1", "eval.num_steps=2", "engine.backend=torch", "logging.progress=false",
+]
+
+
+def test_shapes_tiny_loads_offline(monkeypatch) -> None:
     from diffusers import StableDiffusionPipeline
 
     from fastdag.assets import PIPELINES
@@ -22,17 +30,30 @@ def test_shapes_tiny_loads_offline_and_trains_one_epoch(tmp_path, monkeypatch) -
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe = StableDiffusionPipeline.from_pretrained(PIPELINES["shapes-tiny"](), local_files_only=True)
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
-    cfg = load_config(REPO / "configs/shapes_align.yaml", [
-        "train.epochs=1", "sample.num_steps=4", "sample.batch_size=4", "sample.num_batches_per_epoch=1",
-        "train.batch_size=4", "train.gradient_accumulation_steps=1", "train.timesteps_per_micro_step=2",
-        "eval.samples_per_prompt=1", "eval.num_steps=2",
-        "engine.backend=torch", "logging.progress=false", f"logging.output_dir={tmp_path}", "logging.run_name=shapes",
+
+
+@pytest.mark.parametrize("task", ["align", "compress", "aesthetic"])
+def test_shapes_task_runs_three_epochs(task: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = load_config(REPO / f"configs/shapes_{task}.yaml", [
+        "train.epochs=3", *TINY_BUDGET, f"logging.output_dir={tmp_path}", f"logging.run_name={task}",
     ])
     trainer = Trainer(cfg)
     rows = trainer.fit()
-    assert rows[0]["reward_max"] <= 0  # shapes_alignment is a mean log-probability
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    if task != "compress":
+        assert all(r["reward_max"] <= 0 for r in rows)  # log-probabilities
     for name in ("before", "after"):
         scores = trainer.evaluations[name].scores
-        assert 0 <= scores["shapes_accuracy"] <= 1 and "colour_accuracy" in scores and "position_accuracy" in scores
-    report = (tmp_path / "shapes/report.md").read_text()
-    assert "shapes_accuracy" in report and (tmp_path / "shapes/samples_before.png").is_file()
+        assert 0 <= scores["judge_realism"] <= 1 and 0 <= scores["judge_stated_accuracy"] <= 1
+        assert 0 <= scores["judge_kind_accuracy"] <= 1 and 0 <= scores["judge_taste"] <= 1
+    run = tmp_path / task
+    report = (run / "report.md").read_text()
+    assert "judge_stated_accuracy" in report and (run / "samples_before.png").is_file()
+    # The judge's figures before and after, and bar charts of what the prompts leave out.
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert set(evaluation) == {"before", "after"}
+    for figures in evaluation.values():
+        assert 0 <= figures["taste_rate"] <= 1 and 0 <= figures["realism"] <= 1
+        assert "background" in figures["unstated"] and figures["stated_accuracy"]["kind"] is not None
+    assert "taste_rate" in report and (run / "unstated_attributes.png").is_file()

@@ -9,16 +9,23 @@ import pytest
 import torch
 
 from fastdag.toy.world import (
+    ATTRIBUTE_DROPOUT,
     BACKGROUNDS,
     COLOURS,
     KINDS,
     POSITIONS,
     RESOLUTION,
     SIZES,
+    Prompt,
+    PromptShape,
     Scene,
     Shape,
     caption,
+    describe,
+    drop_attributes,
     parse_caption,
+    parse_prompt,
+    prompt_of,
     render,
     sample_batch,
     sample_scene,
@@ -152,3 +159,50 @@ def test_batch_generation_is_fast() -> None:
     sample_batch(rng, 512)
     # Measured ~4,000 images/s on one core; the bound leaves room for a loaded CI machine.
     assert 512 / (time.perf_counter() - start) > 300
+
+
+def test_partial_captions_round_trip_and_keep_kinds() -> None:
+    rng = np.random.default_rng(SEED)
+    batch = sample_batch(rng, 3000, attribute_dropout=ATTRIBUTE_DROPOUT)
+    forms = set()
+    for text, scene in zip(batch.captions, batch.scenes):
+        prompt = parse_prompt(text)
+        assert describe(prompt) == text
+        assert [s.kind for s in prompt.shapes] == [s.kind for s in scene.shapes]
+        # Whatever is stated is the scene's own value.
+        for stated, true in zip(prompt.shapes, scene.shapes):
+            for name in ("colour", "size", "position"):
+                assert getattr(stated, name) in (None, getattr(true, name))
+        assert prompt.background in (None, scene.background)
+        if len(scene.shapes) == 1:
+            s = prompt.shapes[0]
+            forms.add((s.colour is None, s.size is None, s.position is None, prompt.background is None))
+    assert len(forms) == 16  # every partial form of a one-shape caption occurs
+    full = [parse_prompt(t).full for t in batch.captions]
+    # One-shape captions are full with probability 0.7^4 = 0.24, two-shape ones 0.7^7 = 0.08.
+    assert 0.12 < np.mean(full) < 0.20
+
+
+def test_partial_caption_examples_and_full_parse() -> None:
+    prompt = Prompt((PromptShape("circle", colour="red"),))
+    assert describe(prompt) == "a red circle" and not prompt.full
+    assert parse_prompt("a large circle on a black background") == Prompt(
+        (PromptShape("circle", size="large"),), "black"
+    )
+    assert parse_prompt("a circle at the top left and a small square") == Prompt(
+        (PromptShape("circle", position="top left"), PromptShape("square", size="small"))
+    )
+    scene = Scene((Shape("circle", "red", "small", "top left"),), "white")
+    assert parse_prompt(caption(scene)) == prompt_of(scene) and prompt_of(scene).full
+    with pytest.raises(ValueError, match="full"):
+        parse_caption("a red circle")
+    with pytest.raises(ValueError, match="a pink circle"):
+        parse_prompt("a pink circle")
+
+
+def test_dropout_zero_gives_the_stream_of_full_captions() -> None:
+    a = sample_batch(np.random.default_rng(SEED), 64)
+    b = sample_batch(np.random.default_rng(SEED), 64, attribute_dropout=0.0)
+    assert a.captions == b.captions == [caption(s) for s in a.scenes]
+    with pytest.raises(ValueError, match="dropout"):
+        drop_attributes(a.scenes[0], np.random.default_rng(0), 1.5)

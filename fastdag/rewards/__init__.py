@@ -98,6 +98,15 @@ def _shapes_alignment(**kwargs: Any) -> RewardFn:
     return ShapesAlignmentReward(**kwargs)
 
 
+@register_reward("shapes_aesthetic")
+def _shapes_aesthetic(**kwargs: Any) -> RewardFn:
+    """The shapes world's aesthetic task: a taste over unstated attributes (large shapes on white), the stated
+    attributes and realism, as log-probabilities (fastdag.toy)."""
+    from fastdag.toy.reward import ShapesAestheticReward
+
+    return ShapesAestheticReward(**kwargs)
+
+
 # Metrics reported in evaluations: name -> factory of a callable (images, prompts) -> {name: float tensor [B]}.
 METRICS: dict[str, Callable[[], Callable[..., dict[str, torch.Tensor]]]] = {}
 
@@ -113,6 +122,16 @@ def _shapes_accuracy_metric() -> Callable[..., dict[str, torch.Tensor]]:
 
 
 METRICS["shapes_accuracy"] = _shapes_accuracy_metric
+
+
+def _shapes_judge_metric() -> Callable[..., dict[str, torch.Tensor]]:
+    # The independent judge (fastdag.toy.judge): evaluation only, never a training reward. NaN = not stated.
+    from fastdag.toy.judge import JudgeMetric
+
+    return JudgeMetric()
+
+
+METRICS["shapes_judge"] = _shapes_judge_metric
 
 
 def build_metric(name: str) -> Callable[..., dict[str, torch.Tensor]]:

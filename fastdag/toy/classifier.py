@@ -1,14 +1,20 @@
-"""Attribute classifier for the shapes world: the judge behind `ShapesAlignmentReward`.
+"""Attribute classifier for the shapes world: the reader behind `ShapesAlignmentReward`.
 
 The classifier is slot-based, following the world's fixed positions: for each of the 5 position slots it predicts
 the kind (or "empty"), the colour and the size, and it predicts the background colour once. That one layout
-reads one- and two-shape scenes alike. It is a small CNN (~0.6 M parameters, ~2.5 MB of float32 weights):
-5 convolutions down to an 8 × 8 map, flattened (so every slot head sees where things are), then an MLP.
+reads one- and two-shape scenes alike. It also predicts *realism*, the probability that the image is a clean
+render of the world, trained against the negatives of `fastdag.toy.negatives` (noise, heavy blur, colour blobs,
+broken renders), so that a reward built on it cannot be raised by images that are not renders at all.
+
+Architectures (`ClassifierConfig.arch`): "flat", the reward's (~0.6 M parameters, ~2.5 MB of float32
+weights): 5 convolutions down to an 8 × 8 map, flattened (so every slot head sees where things are), then an
+MLP; "residual", the independent judge's (`fastdag.toy.judge`): a 5 × 5 stem and residual GroupNorm/SiLU blocks.
 
 Training data are fresh generator images each step, from the whole world (held-out prompts included: the judge
 must read them). Augmentation (a 3 × 3 blur or `soften`'s 2× down-and-up, noise, small per-channel shifts)
 stands in for the softness of images decoded by a small VAE, so the judge does not only work on crisp renders.
 Label smoothing keeps its log-probabilities bounded, which the reward needs (see LABEL_SMOOTHING).
+Negatives carry no attribute targets: only the realism output learns from them.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastdag.toy.negatives import NEGATIVE_TYPES, make_negatives, negative_batch
 from fastdag.toy.world import (
     BACKGROUND_NAMES,
     COLOUR_NAMES,
@@ -49,6 +56,7 @@ EMPTY = 0
 # Target value of colour/size at an empty slot (cross_entropy's ignore_index).
 IGNORE = -1
 N_SLOTS = len(POSITION_NAMES)
+ARCHITECTURES = ("flat", "residual")
 # Smoothing bounds the log-probability the classifier gives a wrong attribute near log(0.05 / classes), −4.8 for
 # the 6 colours, so one confidently wrong term cannot swamp the mean log-likelihood that the reward is; a right
 # one tends to log(1 − 0.05 + 0.05 / classes) ≈ −0.04.
@@ -66,12 +74,18 @@ _CLASSES = {
 class ClassifierConfig:
     """Architecture of the classifier."""
 
+    arch: str = "flat"
+    """"flat" (the reward's CNN) or "residual" (the judge's)."""
     width: int = 32
     """Channels of the first two convolutions; the last three have twice as many."""
     hidden: int = 128
     """Width of the MLP over the flattened 8 × 8 feature map."""
     resolution: int = RESOLUTION
     """Input side in pixels; the reward resizes images to it."""
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"classifier arch must be one of {ARCHITECTURES}, got {self.arch!r}")
 
 
 @dataclass
@@ -115,22 +129,39 @@ class ClassifierOutput:
     colour: [B, N_SLOTS, len(COLOUR_NAMES)].
     size: [B, N_SLOTS, len(SIZE_NAMES)].
     background: [B, len(BACKGROUND_NAMES)].
+    realism: [B], the logit of "a clean render of the world".
     """
 
     kind: torch.Tensor
     colour: torch.Tensor
     size: torch.Tensor
     background: torch.Tensor
+    realism: torch.Tensor
 
 
-class ShapesClassifier(nn.Module):
-    """Reads a shapes-world image: per slot kind/colour/size, plus the background."""
+class _Residual(nn.Module):
+    """x + conv(SiLU(GroupNorm(conv(SiLU(GroupNorm(x)))))), channels unchanged."""
 
-    def __init__(self, config: ClassifierConfig = ClassifierConfig()) -> None:
+    def __init__(self, channels: int) -> None:
         super().__init__()
-        self.config = config
-        w = config.width
-        self.features = nn.Sequential(
+        self.body = nn.Sequential(
+            nn.GroupNorm(8, channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.GroupNorm(8, channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def _features(config: ClassifierConfig) -> nn.Sequential:
+    """Image [B, 3, R, R] -> features [B, 2 · width, R / 4, R / 4]."""
+    w = config.width
+    if config.arch == "flat":
+        return nn.Sequential(
             nn.Conv2d(3, w, 3, padding=1),
             nn.GELU(),
             nn.Conv2d(w, w, 3, stride=2, padding=1),
@@ -142,11 +173,32 @@ class ShapesClassifier(nn.Module):
             nn.Conv2d(2 * w, 2 * w, 3, padding=1),
             nn.GELU(),
         )
+    return nn.Sequential(
+        nn.Conv2d(3, w, 5, padding=2),
+        _Residual(w),
+        nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
+        _Residual(2 * w),
+        nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1),
+        _Residual(2 * w),
+        nn.GroupNorm(8, 2 * w),
+        nn.SiLU(),
+    )
+
+
+class ShapesClassifier(nn.Module):
+    """Reads a shapes-world image: per slot kind/colour/size, the background, and realism."""
+
+    def __init__(self, config: ClassifierConfig = ClassifierConfig()) -> None:
+        super().__init__()
+        self.config = config
+        w = config.width
+        self.features = _features(config)
         self._head_sizes = (
             N_SLOTS * (1 + len(KINDS)),
             N_SLOTS * len(COLOUR_NAMES),
             N_SLOTS * len(SIZE_NAMES),
             len(BACKGROUND_NAMES),
+            1,
         )
         cells = (config.resolution // 4) ** 2
         self.head = nn.Sequential(
@@ -159,13 +211,14 @@ class ShapesClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> ClassifierOutput:
         """images: float [B, 3, resolution, resolution] in [0, 1]."""
         logits = self.head(self.features(images * 2.0 - 1.0))  # [B, sum(head sizes)]
-        kind, colour, size, background = logits.split(self._head_sizes, dim=1)
+        kind, colour, size, background, realism = logits.split(self._head_sizes, dim=1)
         b = images.shape[0]
         return ClassifierOutput(
             kind=kind.reshape(b, N_SLOTS, -1),
             colour=colour.reshape(b, N_SLOTS, -1),
             size=size.reshape(b, N_SLOTS, -1),
             background=background,
+            realism=realism.squeeze(1),
         )
 
 
@@ -180,16 +233,18 @@ def scene_log_likelihood(out: ClassifierOutput, targets: SceneTargets) -> torch.
     """Mean log-probability of the scene's attributes. Returns float32 [B], each ≤ 0.
 
     The terms are: the kind of each of the N_SLOTS slots (EMPTY for unmentioned ones), the colour and the size
-    of each shape, and the background: 5 + 2 · (number of shapes) + 1 terms, averaged.
+    of each shape, and the background: 5 + 2 · (number of shapes) + 1 terms for a full scene, averaged. A
+    colour, size or background that is IGNORE (unstated by a partial prompt) is not a term.
     """
-    occupied = targets.kind != EMPTY  # [B, S]
+    terms = N_SLOTS + (targets.colour != IGNORE).sum(1) + (targets.size != IGNORE).sum(1)
+    terms = terms + (targets.background != IGNORE).long()
     total = (
         _gather_log_probs(out.kind, targets.kind).sum(1)
         + _gather_log_probs(out.colour, targets.colour).sum(1)
         + _gather_log_probs(out.size, targets.size).sum(1)
         + _gather_log_probs(out.background.unsqueeze(1), targets.background.unsqueeze(1)).squeeze(1)
     )
-    return total / (N_SLOTS + 2 * occupied.sum(1) + 1)
+    return total / terms
 
 
 def attribute_accuracy(out: ClassifierOutput, targets: SceneTargets) -> dict[str, torch.Tensor]:
@@ -246,16 +301,32 @@ def attribute_accuracy(out: ClassifierOutput, targets: SceneTargets) -> dict[str
     }
 
 
+def realism_log_prob(out: ClassifierOutput) -> torch.Tensor:
+    """log p(clean render) per image, float32 [B], ≤ 0 (about −0.03 for a render, −3.7 for a negative)."""
+    return F.logsigmoid(out.realism.float())
+
+
 def classifier_loss(
-    out: ClassifierOutput, targets: SceneTargets, label_smoothing: float = LABEL_SMOOTHING
+    out: ClassifierOutput,
+    targets: SceneTargets,
+    label_smoothing: float = LABEL_SMOOTHING,
+    n_negatives: int = 0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Sum of the mean cross-entropies of the four heads (colour and size over occupied slots only)."""
+    """Sum of the mean cross-entropies of the five heads (colour and size over occupied slots only).
+
+    The first B − n_negatives rows of `out` are renders with `targets`; the last n_negatives rows are negatives,
+    which only the realism head learns from (binary cross-entropy, targets smoothed like the attributes').
+    """
+    n_renders = out.kind.shape[0] - n_negatives
     ce = partial(F.cross_entropy, label_smoothing=label_smoothing, ignore_index=IGNORE)
+    real = torch.arange(out.kind.shape[0]) < n_renders
+    realism_target = torch.where(real, 1.0 - label_smoothing / 2, label_smoothing / 2)
     losses = {
-        "kind": ce(out.kind.flatten(0, 1), targets.kind.flatten()),
-        "colour": ce(out.colour.flatten(0, 1), targets.colour.flatten()),
-        "size": ce(out.size.flatten(0, 1), targets.size.flatten()),
-        "background": ce(out.background, targets.background),
+        "kind": ce(out.kind[:n_renders].flatten(0, 1), targets.kind.flatten()),
+        "colour": ce(out.colour[:n_renders].flatten(0, 1), targets.colour.flatten()),
+        "size": ce(out.size[:n_renders].flatten(0, 1), targets.size.flatten()),
+        "background": ce(out.background[:n_renders], targets.background),
+        "realism": F.binary_cross_entropy_with_logits(out.realism.float(), realism_target.to(out.realism.device)),
     }
     loss = sum(losses.values())
     return loss, {name: value.item() for name, value in losses.items()}
@@ -271,7 +342,7 @@ def soften(images: torch.Tensor) -> torch.Tensor:
     return F.interpolate(half, size=(h, w), mode="bilinear", align_corners=False)
 
 
-def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random blur, per-channel shift and Gaussian noise, per image. images: [B, 3, H, W] in [0, 1]."""
     b = images.shape[0]
 
@@ -318,35 +389,66 @@ def evaluate_classifier(
     return {name: total / n_images for name, total in sums.items()}
 
 
+@torch.no_grad()
+def evaluate_realism(
+    model: ShapesClassifier, rng: np.random.Generator, generator: torch.Generator, n_per_type: int
+) -> dict[str, float]:
+    """Fraction of images the realism output gets right (p > 0.5 for renders, < 0.5 for negatives), per type.
+
+    Keys: "render" and "render_softened" (fresh world images, as is and after `soften`), then each of
+    NEGATIVE_TYPES, each on `n_per_type` fresh images.
+    """
+    model.eval()
+    renders = sample_batch(rng, n_per_type, exclude_heldout=False).images
+    result = {
+        "render": (model(renders).realism > 0).float().mean().item(),
+        "render_softened": (model(soften(renders)).realism > 0).float().mean().item(),
+    }
+    for kind in NEGATIVE_TYPES:
+        result[kind] = (model(make_negatives(kind, n_per_type, rng, generator)).realism < 0).float().mean().item()
+    return result
+
+
 def train_classifier(
     out_dir: str | Path,
     seed: int = 0,
     steps: int = 2000,
     batch_size: int = 64,
+    negatives_per_type: int = 8,
     lr: float = 2e-3,
     eval_images: int = 4096,
     progress: bool = True,
+    config: ClassifierConfig = ClassifierConfig(),
+    augmentation: Callable[[torch.Tensor, torch.Generator], torch.Tensor] = augment,
+    weights_name: str = WEIGHTS_NAME,
+    report_name: str = REPORT_NAME,
 ) -> dict:
-    """Trains the classifier on fresh generator batches and writes WEIGHTS_NAME and REPORT_NAME in `out_dir`.
+    """Trains the classifier on fresh generator batches and writes `weights_name` and `report_name` in `out_dir`.
 
-    Seeded: the weights, the training images, the augmentation and the evaluation images all derive from
-    `seed`, the training and evaluation image streams from two independent children of SeedSequence(seed).
-    AdamW with linear warm-up over the first 5% of steps, then cosine decay to 0.
+    Each step sees `batch_size` renders and `negatives_per_type` negatives of each of NEGATIVE_TYPES, all passed
+    through `augmentation(images, generator)`. Seeded: the weights, the training images and negatives, the
+    augmentation and the evaluation images all derive from `seed`, the training and evaluation streams from two
+    independent children of SeedSequence(seed). AdamW with linear warm-up over the first 5% of steps, then
+    cosine decay to 0.
 
-    Returns the report written to REPORT_NAME: config, classes, training settings and time, and
-    `heldout_accuracy` (see `evaluate_classifier`) on `eval_images` images never used in training, and
-    `heldout_accuracy_softened` on the same images after `soften`.
+    Returns the report written to `report_name`: config, classes, training settings and time,
+    `heldout_accuracy` (see `evaluate_classifier`) on `eval_images` images never used in training,
+    `heldout_accuracy_softened` on the same images after `soften`, and `heldout_realism` (`evaluate_realism`,
+    eval_images // 4 per type).
     """
-    if steps < 1 or batch_size < 1 or eval_images < 1:
-        raise ValueError(f"steps, batch_size and eval_images must be ≥ 1, got {steps}, {batch_size}, {eval_images}")
+    if steps < 1 or batch_size < 1 or eval_images < 4 or negatives_per_type < 0:
+        raise ValueError(
+            f"steps and batch_size must be ≥ 1, eval_images ≥ 4, negatives_per_type ≥ 0; got {steps}, "
+            f"{batch_size}, {eval_images}, {negatives_per_type}"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     train_seq, eval_seq = np.random.SeedSequence(seed).spawn(2)
     data_rng = np.random.default_rng(train_seq)
     augment_gen = torch.Generator().manual_seed(seed)
+    negative_gen = torch.Generator().manual_seed(seed + 1)
 
-    config = ClassifierConfig()
     model = ShapesClassifier(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     warmup = max(1, steps // 20)
@@ -360,8 +462,10 @@ def train_classifier(
     model.train()
     for _ in bar:
         batch = sample_batch(data_rng, batch_size, exclude_heldout=False)
+        images = torch.cat([batch.images, negative_batch(negatives_per_type, data_rng, negative_gen)])
+        n_negatives = images.shape[0] - batch_size
         loss, metrics = classifier_loss(
-            model(_augment(batch.images, augment_gen)), SceneTargets.from_scenes(batch.scenes)
+            model(augmentation(images, augment_gen)), SceneTargets.from_scenes(batch.scenes), n_negatives=n_negatives
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -372,6 +476,9 @@ def train_classifier(
 
     accuracy = evaluate_classifier(model, np.random.default_rng(eval_seq), eval_images)
     softened = evaluate_classifier(model, np.random.default_rng(eval_seq), eval_images, transform=soften)
+    realism = evaluate_realism(
+        model, np.random.default_rng(eval_seq.spawn(1)[0]), torch.Generator().manual_seed(seed + 2), eval_images // 4
+    )
     report = {
         "config": asdict(config),
         "classes": _CLASSES,
@@ -380,6 +487,9 @@ def train_classifier(
             "seed": seed,
             "steps": steps,
             "batch_size": batch_size,
+            "negatives_per_type": negatives_per_type,
+            "negative_types": list(NEGATIVE_TYPES),
+            "augmentation": augmentation.__module__ + "." + augmentation.__qualname__,
             "lr": lr,
             "seconds": round(train_seconds, 1),
             "torch_threads": torch.get_num_threads(),
@@ -389,24 +499,29 @@ def train_classifier(
         "heldout_seed": f"SeedSequence({seed}).spawn(2)[1]; training used spawn(2)[0]",
         "heldout_accuracy": accuracy,
         "heldout_accuracy_softened": softened,
+        "heldout_realism": realism,
+        "heldout_realism_images_per_type": eval_images // 4,
     }
     save_file(
         {name: p.detach().contiguous() for name, p in model.state_dict().items()},
-        str(out_dir / WEIGHTS_NAME),
+        str(out_dir / weights_name),
         metadata={"config": json.dumps(asdict(config)), "classes": json.dumps(_CLASSES)},
     )
-    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / report_name).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
-def load_classifier(path: str | Path | None = None, device: torch.device | str = "cpu") -> ShapesClassifier:
+def load_classifier(
+    path: str | Path | None = None, device: torch.device | str = "cpu", weights_name: str = WEIGHTS_NAME
+) -> ShapesClassifier:
     """Loads a classifier written by `train_classifier` (default: the one shipped in fastdag/assets/), in eval mode.
 
-    Raises ValueError if the weights were trained for a world with other attribute values.
+    path: a .safetensors file, or a directory holding `weights_name`. Raises ValueError if the weights were
+    trained for a world with other attribute values.
     """
-    path = Path(path) if path is not None else ASSETS_DIR / WEIGHTS_NAME
+    path = Path(path) if path is not None else ASSETS_DIR / weights_name
     if path.is_dir():
-        path = path / WEIGHTS_NAME
+        path = path / weights_name
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
     if json.loads(metadata["classes"]) != _CLASSES:
@@ -431,4 +546,4 @@ if __name__ == "__main__":
     options = vars(parser.parse_args())
     torch.set_num_threads(options.pop("threads"))
     result = train_classifier(options.pop("out"), **options)
-    print(json.dumps(result["heldout_accuracy"], indent=2))
+    print(json.dumps({k: result[k] for k in ("heldout_accuracy", "heldout_realism")}, indent=2))

@@ -24,6 +24,17 @@ Drawing is antialiased: PIL renders at 4× and the image is box-downsampled, so 
 
 Held-out prompts (`shapes_prompts("heldout")`) are excluded from `sample_batch` by default, so a model
 pretrained on it has never seen those scenes, in either order of their two shapes.
+
+Partial captions (attribute dropout). A caption that states every attribute leaves nothing for a reward to
+prefer, so the model is pretrained on captions in which each attribute phrase but the kind (every shape's size,
+colour and position, and the background) is dropped independently with probability ATTRIBUTE_DROPOUT:
+
+    "a red circle"   "a large circle on a black background"   "a circle at the top left and a small square"
+
+A `Prompt` holds what a caption states (None for an unstated attribute); `describe` writes it, `parse_prompt`
+reads it back, and `caption(scene)` is the full caption. Every shape's kind stays, so a caption always tells how
+many shapes there are, and the scene behind a partial caption is still uniform over what the caption leaves out:
+that is what teaches the model to spread unstated attributes instead of collapsing on one value.
 """
 from __future__ import annotations
 
@@ -73,6 +84,16 @@ SIZE_NAMES: tuple[str, ...] = tuple(SIZES)
 POSITION_NAMES: tuple[str, ...] = tuple(POSITIONS)
 
 _PHRASES: dict[str, str] = {p: ("in the center" if p == "center" else f"at the {p}") for p in POSITIONS}
+
+# Probability that each droppable attribute phrase of a training caption is left out, independently. Chosen so
+# that (a) full captions stay frequent: (1 − 0.3)^4 = 24% of one-shape captions and 0.7^7 = 8% of two-shape ones
+# are full, and every attribute is still stated in 70% of captions, so the stated-attribute signal that the base
+# bars (kind, colour on full captions) rest on shrinks by 30%, not by half; (b) every partial form is in
+# distribution: each of the 16 forms of a one-shape caption has probability ≥ 0.3^4 ≈ 0.8% (kind only), the
+# kind-and-colour form of the aesthetic prompts 0.7 · 0.3^3 ≈ 1.9%, i.e. ~900 and ~2,000 of the ~48k one-shape
+# captions of the 3,000 × 32 recipe, spread over their kinds and colours. 0.5 would make every form equally
+# likely, but leave only 0.8% of two-shape captions full.
+ATTRIBUTE_DROPOUT = 0.3
 
 
 @dataclass(frozen=True)
@@ -157,10 +178,94 @@ def render(scene: Scene) -> np.ndarray:
     return np.array(image.resize((RESOLUTION, RESOLUTION), Image.Resampling.BOX))
 
 
+@dataclass(frozen=True)
+class PromptShape:
+    """What a caption states about one shape: the kind always, the rest None when the caption leaves it out."""
+
+    kind: str
+    colour: str | None = None
+    size: str | None = None
+    position: str | None = None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What a caption states about a scene: 1 or 2 shapes in caption order, the background or None."""
+
+    shapes: tuple[PromptShape, ...]
+    background: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.shapes) not in (1, 2):
+            raise ValueError(f"a prompt names 1 or 2 shapes, got {len(self.shapes)}")
+        positions = [s.position for s in self.shapes if s.position is not None]
+        if len(self.shapes) == 2 and (len(set(positions)) < len(positions) or "center" in positions):
+            raise ValueError(f"two shapes need two distinct corners, got {positions}")
+        for s in self.shapes:
+            if (
+                s.kind not in KINDS
+                or s.colour not in (None, *COLOURS)
+                or s.size not in (None, *SIZES)
+                or s.position not in (None, *POSITIONS)
+            ):
+                raise ValueError(f"unknown attribute in {s}")
+        if self.background not in (None, *BACKGROUNDS):
+            raise ValueError(f"unknown background {self.background!r}")
+
+    @property
+    def full(self) -> bool:
+        """Does the prompt state every attribute (a `caption`)?"""
+        return self.background is not None and all(
+            None not in (s.colour, s.size, s.position) for s in self.shapes
+        )
+
+    def scene(self) -> Scene:
+        """The scene of a full prompt; ValueError if some attribute is unstated."""
+        if not self.full:
+            raise ValueError(f"prompt {describe(self)!r} does not state every attribute")
+        shapes = tuple(Shape(s.kind, s.colour, s.size, s.position) for s in self.shapes)  # type: ignore[arg-type]
+        return Scene(shapes=shapes, background=self.background)  # type: ignore[arg-type]
+
+
+def prompt_of(scene: Scene) -> Prompt:
+    """The full prompt of a scene (every attribute stated)."""
+    return Prompt(tuple(PromptShape(s.kind, s.colour, s.size, s.position) for s in scene.shapes), scene.background)
+
+
+def describe(prompt: Prompt) -> str:
+    """The caption text of a prompt: "a [size] [colour] kind [position phrase]", joined by " and ", then
+    " on a [background] background" when stated."""
+    parts = []
+    for s in prompt.shapes:
+        words = ["a", s.size, s.colour, s.kind, _PHRASES[s.position] if s.position is not None else None]
+        parts.append(" ".join(w for w in words if w is not None))
+    text = " and ".join(parts)
+    return text if prompt.background is None else f"{text} on a {prompt.background} background"
+
+
 def caption(scene: Scene) -> str:
-    """The scene's caption, shapes in the scene's order."""
-    parts = [f"a {s.size} {s.colour} {s.kind} {_PHRASES[s.position]}" for s in scene.shapes]
-    return f"{' and '.join(parts)} on a {scene.background} background"
+    """The scene's full caption, shapes in the scene's order."""
+    return describe(prompt_of(scene))
+
+
+def drop_attributes(scene: Scene, rng: np.random.Generator, p: float = ATTRIBUTE_DROPOUT) -> Prompt:
+    """The scene's prompt with each attribute but the kinds dropped independently with probability p.
+
+    Draws 3 · (number of shapes) + 1 uniforms from rng: per shape size, colour, position, then the background.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"attribute dropout must be in [0, 1], got {p}")
+    keep = rng.random(3 * len(scene.shapes) + 1) >= p
+    shapes = tuple(
+        PromptShape(
+            s.kind,
+            colour=s.colour if keep[3 * i + 1] else None,
+            size=s.size if keep[3 * i] else None,
+            position=s.position if keep[3 * i + 2] else None,
+        )
+        for i, s in enumerate(scene.shapes)
+    )
+    return Prompt(shapes, scene.background if keep[-1] else None)
 
 
 def _alternation(words: tuple[str, ...]) -> str:
@@ -168,30 +273,45 @@ def _alternation(words: tuple[str, ...]) -> str:
 
 
 _SHAPE_RE = (
-    rf"a ({_alternation(SIZE_NAMES)}) ({_alternation(COLOUR_NAMES)}) ({_alternation(KINDS)}) "
-    rf"({_alternation(tuple(_PHRASES.values()))})"
+    rf"a (?:({_alternation(SIZE_NAMES)}) )?(?:({_alternation(COLOUR_NAMES)}) )?({_alternation(KINDS)})"
+    rf"(?: ({_alternation(tuple(_PHRASES.values()))}))?"
 )
-_CAPTION_RE = re.compile(rf"{_SHAPE_RE}(?: and {_SHAPE_RE})? on a ({_alternation(BACKGROUND_NAMES)}) background")
+_PROMPT_RE = re.compile(rf"{_SHAPE_RE}(?: and {_SHAPE_RE})?(?: on a ({_alternation(BACKGROUND_NAMES)}) background)?")
 _POSITION_OF_PHRASE = {phrase: position for position, phrase in _PHRASES.items()}
+
+
+@lru_cache(maxsize=65536)
+def parse_prompt(text: str) -> Prompt:
+    """Inverts `describe` exactly: `parse_prompt(describe(p)) == p`, for full and partial captions alike.
+
+    Raises ValueError naming the text if it is not a (possibly partial) caption of this world.
+    """
+    match = _PROMPT_RE.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not a shapes-world caption: {text!r}")
+    groups = match.groups()
+    shapes = tuple(
+        PromptShape(kind=kind, colour=colour, size=size, position=_POSITION_OF_PHRASE.get(phrase))
+        for size, colour, kind, phrase in (groups[0:4], groups[4:8])
+        if kind is not None
+    )
+    try:
+        return Prompt(shapes=shapes, background=groups[8])
+    except ValueError as err:
+        raise ValueError(f"not a shapes-world caption: {text!r} ({err})") from err
 
 
 @lru_cache(maxsize=65536)
 def parse_caption(text: str) -> Scene:
     """Inverts `caption` exactly: `parse_caption(caption(s)) == s` (offsets are not captioned and come back 0).
 
-    Raises ValueError naming the text if it is not a caption of this world.
+    Raises ValueError naming the text if it is not a full caption of this world (partial ones: `parse_prompt`).
     """
-    match = _CAPTION_RE.fullmatch(text)
-    if match is None:
-        raise ValueError(f"not a shapes-world caption: {text!r}")
-    groups = match.groups()
-    shapes = tuple(
-        Shape(kind=kind, colour=colour, size=size, position=_POSITION_OF_PHRASE[phrase])
-        for size, colour, kind, phrase in (groups[0:4], groups[4:8])
-        if size is not None
-    )
+    prompt = parse_prompt(text)
+    if not prompt.full:
+        raise ValueError(f"not a full shapes-world caption (some attribute unstated): {text!r}")
     try:
-        return Scene(shapes=shapes, background=groups[8])
+        return prompt.scene()
     except ValueError as err:
         raise ValueError(f"not a shapes-world caption: {text!r} ({err})") from err
 
@@ -210,7 +330,7 @@ class Batch:
     """A training batch from the world.
 
     images: float32 [B, 3, RESOLUTION, RESOLUTION] in [0, 1].
-    captions: B strings.
+    captions: B strings (full captions, or partial ones under attribute dropout).
     scenes: B scenes (ground truth, offsets included).
     """
 
@@ -219,11 +339,15 @@ class Batch:
     scenes: list[Scene]
 
 
-def sample_batch(rng: np.random.Generator, batch_size: int, exclude_heldout: bool = True) -> Batch:
+def sample_batch(
+    rng: np.random.Generator, batch_size: int, exclude_heldout: bool = True, attribute_dropout: float = 0.0
+) -> Batch:
     """Draws `batch_size` scenes and renders them (a few thousand images per second on one core).
 
     With `exclude_heldout`, scenes of the held-out prompts are redrawn, so that held-out prompts measure
     generalisation. The reward classifier is trained on the whole world (`exclude_heldout=False`).
+    attribute_dropout: each caption's droppable phrases are left out with this probability (`drop_attributes`);
+    the dropout draws come from rng after the scenes', so 0 gives the stream (and batches) of full captions.
     """
     heldout = _heldout_keys() if exclude_heldout else frozenset()
     scenes: list[Scene] = []
@@ -233,7 +357,11 @@ def sample_batch(rng: np.random.Generator, batch_size: int, exclude_heldout: boo
             scenes.append(scene)
     pixels = np.stack([render(s) for s in scenes])  # [B, H, W, 3] uint8
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
-    return Batch(images=images, captions=[caption(s) for s in scenes], scenes=scenes)
+    if attribute_dropout > 0.0:
+        captions = [describe(drop_attributes(s, rng, attribute_dropout)) for s in scenes]
+    else:
+        captions = [caption(s) for s in scenes]
+    return Batch(images=images, captions=captions, scenes=scenes)
 
 
 _SPLIT_SEED = 20240531
