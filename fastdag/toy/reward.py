@@ -201,7 +201,7 @@ class ShapesAlignmentReward:
         """ValueError naming the first prompt that is not a caption of the world: the trainer asks before any
         model loads (``fastdag.preflight``), instead of failing after a rollout."""
         for prompt in dict.fromkeys(prompts):
-            parse_caption(prompt)
+            parse_prompt(prompt)  # full or partial captions, as __call__ reads them
 
     def _checked(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[ClassifierOutput, SceneTargets]:
         if len(prompts) != images.shape[0]:
