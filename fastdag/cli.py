@@ -20,7 +20,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 from fastdag.config import ConfigError, config_help, load_config  # noqa: E402
 
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130  # the shell's convention for a run ended by Ctrl-C (SIGINT)
+EXIT_INTERRUPTED = 2  # as every other stop (issue 13); the shell convention would be 130
 
 
 def _fail(message: str) -> int:
