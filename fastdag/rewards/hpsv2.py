@@ -13,9 +13,8 @@ import torch
 from fastdag.config import ConfigError
 from fastdag.rewards import register_reward
 from fastdag.rewards.loading import (
-    cache_dir, from_pretrained, load_exactly, load_state_dict, pooled, resolve_file, reward_device,
+    cache_dir, clip_cosine, from_pretrained, load_exactly, load_state_dict, resolve_file, reward_device,
 )
-from fastdag.rewards.preprocess import clip_pixels
 
 # open_clip's ViT-H-14 (its model config), in transformers' CLIPConfig terms; gelu, not OpenAI's quick_gelu.
 VIT_H_14: dict[str, Any] = {
@@ -126,16 +125,8 @@ class HPSv2:
         load_exactly(self.model, converted_weights(src, cache), f"HPSv2 checkpoint {src}")
         self.model.to(self.device, torch.float32).eval().requires_grad_(False)
         self.tokenizer = from_pretrained(AutoTokenizer, tokenizer, "reward.kwargs.tokenizer")
-        self.size = self.model.config.vision_config.image_size
-        self.max_length = self.model.config.text_config.max_position_embeddings
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        img = pooled(self.model.get_image_features(pixel_values=clip_pixels(images, self.size, self.device)))
         # open_clip pads to 77 tokens and pools at the end token; the causal mask makes padding irrelevant
-        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt").to(self.device)
-        txt = pooled(self.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask))
-        img = img / img.norm(dim=-1, keepdim=True)
-        txt = txt / txt.norm(dim=-1, keepdim=True)
-        return (img * txt).sum(-1).float().cpu()
+        return clip_cosine(self.model, self.tokenizer, images, list(prompts), self.device, padding="max_length")

@@ -119,3 +119,19 @@ def pooled(out: Any) -> torch.Tensor:
     """transformers 5's ``get_image_features``/``get_text_features`` return an output object
     (the vector is ``pooler_output``); 4.x returned the tensor."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def clip_cosine(model: Any, tokenizer: Any, images: torch.Tensor, prompts: list[str], device: torch.device,
+                padding: str | bool = True) -> torch.Tensor:
+    """Cosine of a CLIPModel's L2-normalised image and prompt embeddings, [B] fp32 on the CPU: PickScore (×
+    logit_scale) and HPSv2 (padding "max_length": open_clip pads to 77 tokens) both score with it."""
+    from fastdag.rewards.preprocess import clip_pixels
+
+    size = model.config.vision_config.image_size
+    img = pooled(model.get_image_features(pixel_values=clip_pixels(images, size, device)))
+    tok = tokenizer(list(prompts), padding=padding, truncation=True,
+                    max_length=model.config.text_config.max_position_embeddings, return_tensors="pt").to(device)
+    txt = pooled(model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask))
+    img = img / img.norm(dim=-1, keepdim=True)
+    txt = txt / txt.norm(dim=-1, keepdim=True)
+    return (img * txt).sum(-1).float().cpu()

@@ -7,8 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from fastdag.rewards import register_reward
-from fastdag.rewards.loading import from_pretrained, pooled, reward_device
-from fastdag.rewards.preprocess import clip_pixels
+from fastdag.rewards.loading import clip_cosine, from_pretrained, reward_device
 
 
 @register_reward("pickscore")
@@ -24,15 +23,8 @@ class PickScore:
         self.model = from_pretrained(CLIPModel, model, "reward.kwargs.model", revision=revision,
                                      dtype=torch.float32).to(self.device).eval().requires_grad_(False)
         self.tokenizer = from_pretrained(AutoTokenizer, tokenizer, "reward.kwargs.tokenizer")
-        self.size = self.model.config.vision_config.image_size
-        self.max_length = self.model.config.text_config.max_position_embeddings
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        img = pooled(self.model.get_image_features(pixel_values=clip_pixels(images, self.size, self.device)))
-        tok = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt").to(self.device)
-        txt = pooled(self.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask))
-        img = img / img.norm(dim=-1, keepdim=True)
-        txt = txt / txt.norm(dim=-1, keepdim=True)
-        return (self.model.logit_scale.exp() * (img * txt).sum(-1)).float().cpu()
+        cosine = clip_cosine(self.model, self.tokenizer, images, list(prompts), self.device)
+        return self.model.logit_scale.exp().float().cpu() * cosine
