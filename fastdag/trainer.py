@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastdag import distributed
+from fastdag.advantages import PerPromptStatTracker, epoch_normalised, group_advantages
 from fastdag.checkpoint import (
     ENGINE_DIR, TRAINER_STATE, checkpoint_name, checkpoint_write_failed, engine_meta, prune_checkpoints, rank_file,
     read_checkpoint, save_checkpoint, save_flow, weights_digest,
@@ -25,7 +26,6 @@ from fastdag.engine import build_engine, check_engine
 from fastdag.evaluation import Evaluation, Evaluator, write_report
 from fastdag.flow import FlowNetwork
 from fastdag.models import build_model, ddim_step_schedule, resolve_device, step_weights
-from fastdag.advantages import PerPromptStatTracker, epoch_normalised, group_advantages
 from fastdag.objectives import DDPO, GRPO, TransitionTerms, beta_at, build_objective
 from fastdag.outputs import MetricsLog, make_run_dir, save_sample_grid
 from fastdag.preflight import (
