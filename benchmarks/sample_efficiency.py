@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> str:
         raise SystemExit(f"{args.config} names no eval.prompts: give --eval-prompts, or --no-eval")
     out_dir = Path(args.runs)
     env = harness.environment("cpu")
-    run_id = uuid.uuid4().hex[:8]
+    run_id = args.run_id or uuid.uuid4().hex[:8]
     task = Path(args.config).stem
     rows: list[dict[str, Any]] = []
 
@@ -159,7 +159,7 @@ def chart(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def summary(rows: list[dict[str, Any]], path: Path, headline: Sequence[str]) -> Path:
+def summary(rows: list[dict[str, Any]], path: Path, headline: Sequence[str], reach: str = "reward") -> Path:
     """Markdown: the evaluation figures of each algorithm at each budget (mean ± spread over seeds) and wall time."""
     evals = [r for r in rows if r["kind"] == "eval"]
     metrics = [m for m in headline if any(r["metric"] == m for r in evals)]
@@ -176,6 +176,7 @@ def summary(rows: list[dict[str, Any]], path: Path, headline: Sequence[str]) -> 
             v = values.get(m, [])
             cells.append(f"{statistics.fmean(v):.4g} ± {statistics.pstdev(v):.2g}" if v else "")
         lines.append(f"| {algorithm} | {trajectories} | " + " | ".join(cells) + " |")
+    lines += reach_lines(rows, reach) + hacking_lines(rows)
     walls = series(rows, "wall", "seconds")
     lines += ["", "| algorithm | wall seconds per run (mean over seeds) |", "|---|---:|"]
     lines += [f"| {a} | {statistics.fmean(v for vs in p.values() for v in vs):.0f} |" for a, p in walls.items()]
@@ -183,7 +184,56 @@ def summary(rows: list[dict[str, Any]], path: Path, headline: Sequence[str]) -> 
     return path
 
 
-HEADLINE = ("reward", "taste_rate", "realism", "stated_accuracy.mean", "frechet_distance", "shapes_accuracy")
+def _eval_means(rows: list[dict[str, Any]], metric: str) -> dict[str, dict[int, float]]:
+    """algorithm -> trajectories -> the metric's mean over seeds, from the evaluation rows."""
+    return {a: {t: statistics.fmean(v) for t, v in points.items()} for a, points in series(rows, "eval", metric).items()}
+
+
+def reach_lines(rows: list[dict[str, Any]], metric: str = "reward") -> list[str]:
+    """Markdown: for each pair of algorithms, the trajectories the first needed (at the evaluated budgets, mean
+    over seeds) to reach the second's final `metric` (an evaluation figure, higher is better)."""
+    means = _eval_means(rows, metric)
+    if len(means) < 2:
+        return []
+    final = {a: points[max(points)] for a, points in means.items()}
+    algorithms = sorted(means)
+    lines = ["", f"Trajectories each algorithm (row) needed to reach another's (column) final {metric} "
+             "(mean over seeds, at the evaluated budgets; — never):", "",
+             "| needs → to reach | " + " | ".join(f"{b} ({final[b]:.3g})" for b in algorithms) + " |",
+             "|---|" + "---:|" * len(algorithms)]
+    for a in algorithms:
+        cells = []
+        for b in algorithms:
+            hit = [t for t, v in sorted(means[a].items()) if v >= final[b]]
+            cells.append(str(hit[0]) if hit else "—")
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def hacking_lines(rows: list[dict[str, Any]], realism_drop: float = 0.03) -> list[str]:
+    """Markdown: per algorithm, the training reward's rise (mean of the last 5 epochs minus the first 5) and the
+    judge's realism from the base model to the final checkpoint (means over seeds); "hacked" when the reward
+    rose while realism fell by more than `realism_drop` (3 points, the main job's bar)."""
+    realism = _eval_means(rows, "realism")
+    if not realism:
+        return []
+    lines = ["", "| algorithm | training reward: first 5 → last 5 epochs | judge realism: base → final | hacked? |",
+             "|---|---|---|---|"]
+    for algorithm, points in sorted(series(rows, "train", "reward_mean").items()):
+        curve = [statistics.fmean(points[t]) for t in sorted(points)]
+        first, last = statistics.fmean(curve[:5]), statistics.fmean(curve[-5:])
+        r = realism.get(algorithm, {})
+        if not r:
+            continue
+        base, end = r[min(r)], r[max(r)]
+        hacked = last > first and end < base - realism_drop
+        lines.append(f"| {algorithm} | {first:.3g} → {last:.3g} | {base:.3f} → {end:.3f} | {'yes' if hacked else 'no'} |")
+    return lines
+
+
+HEADLINE = ("reward", "taste_rate", "realism", "stated_accuracy.all", "frechet_distance",
+            "unstated.size.normalised_entropy", "unstated.position.normalised_entropy",
+            "unstated.background.normalised_entropy", "shapes_accuracy")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -200,10 +250,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--results", default=str(RESULTS), help="CSV the rows are appended to")
     p.add_argument("--chart", default=str(harness.RESULTS_DIR / "sample_efficiency.png"))
     p.add_argument("--summary", default=str(harness.RESULTS_DIR / "sample_efficiency.md"))
+    p.add_argument("--reach", default="reward", help="the evaluation figure of the 'trajectories to reach' table "
+                   "(e.g. taste_rate on shapes_aesthetic)")
     p.add_argument("--report-only", action="store_true", help="redraw chart and summary from the CSV's last run")
+    p.add_argument("--run-id", default=None, help="tag the rows with this id (default: a new one), so that "
+                   "invocations run side by side (e.g. one per seed) form one study; with --report-only: draw it")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = p.parse_intermixed_args(argv)
-    run_id = None if args.report_only else run(args)
+    run_id = args.run_id if args.report_only else run(args)
     rows = read(Path(args.results), run_id)
-    print(f"chart: {chart(rows, Path(args.chart))}\nsummary: {summary(rows, Path(args.summary), HEADLINE)}")
+    print(f"chart: {chart(rows, Path(args.chart))}\nsummary: {summary(rows, Path(args.summary), HEADLINE, args.reach)}")
     return 0

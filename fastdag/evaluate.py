@@ -37,6 +37,17 @@ def resolve(target: str) -> tuple[Path, Path]:
 
 def evaluate(target: str, overrides: list[str], base: bool = False) -> dict[str, Any]:
     """Build the run's model, load the checkpoint's LoRA (unless ``base``), evaluate; the JSON-able result."""
+    cfg, run_dir, checkpoint, evaluation = sample_checkpoint(target, overrides, base)
+    return {
+        "run": str(run_dir), "checkpoint": None if base else str(checkpoint), "prompts": cfg.eval.prompts,
+        "samples": len(evaluation.prompts), "scores": evaluation.scores,
+        "summary": getattr(evaluation, "summary", None),
+    }
+
+
+def sample_checkpoint(target: str, overrides: list[str], base: bool = False):
+    """The run's config (with `overrides`), run directory, checkpoint and the `Evaluation` of its held-out
+    prompts (images, prompts, scores): what `evaluate` reports and what `fastdag.toy.hacked_bank` collects."""
     import functools
 
     import torch
@@ -57,12 +68,7 @@ def evaluate(target: str, overrides: list[str], base: bool = False) -> dict[str,
     reward = CheckedReward(cfg.reward.name, build_reward(cfg.reward.name, cfg.reward.kwargs), cfg.reward.batch_size)
     step = functools.partial(kernels.ddim_step, backend=cfg.kernels.backend, **model.step_kwargs)
     uncond = model.encode_prompts([cfg.sample.negative_prompt]) if model.conditional else None
-    evaluation = Evaluator(cfg, model, reward, step, uncond)()
-    return {
-        "run": str(run_dir), "checkpoint": None if base else str(checkpoint), "prompts": cfg.eval.prompts,
-        "samples": len(evaluation.prompts), "scores": evaluation.scores,
-        "summary": getattr(evaluation, "summary", None),
-    }
+    return cfg, run_dir, checkpoint, Evaluator(cfg, model, reward, step, uncond)()
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -77,9 +77,10 @@ def trailing_mean(values: list[float], window: int) -> list[float]:
 
 
 def _summary_lines(before: dict, after: dict) -> list[str]:
-    """Markdown rows of a metric summary's headline figures (taste rate, realism, stated accuracy, entropies)."""
+    """Markdown rows of a metric summary's headline figures (taste rate, realism, Fréchet distance to true renders,
+    stated accuracy, entropies)."""
     rows: list[tuple[str, Optional[float], Optional[float]]] = []
-    for key in ("taste_rate", "realism", "realism_rate"):
+    for key in ("taste_rate", "realism", "realism_rate", "frechet_distance"):
         if key in before:
             rows.append((key, before[key], after.get(key)))
     for name, value in before.get("stated_accuracy", {}).items():

@@ -30,4 +30,29 @@ def test_equal_budgets_evaluations_and_reports(tmp_path, monkeypatch):
     assert base["db"] == base["grpo"]  # the same base model, evaluated once
     assert (tmp_path / "se.png").stat().st_size > 1000
     md = (tmp_path / "se.md").read_text()
-    assert "| db | 16 |" in md and "| grpo | 8 |" in md and "wall seconds" in md
+    assert "| db | 16 |" in md and "| grpo | 8 |" in md and "wall seconds" in md and "needed to reach" in md
+
+
+def _row(algorithm, seed, trajectories, kind, metric, value):
+    return {"algorithm": algorithm, "seed": str(seed), "trajectories": str(trajectories), "kind": kind,
+            "metric": metric, "value": str(value)}
+
+
+def test_reach_and_hacking_tables_from_rows():
+    from benchmarks.sample_efficiency import hacking_lines, reach_lines
+
+    rows = []
+    for seed in (0, 1):
+        # a reaches 0.6 taste at 100 trajectories and ends at 0.8; b creeps to 0.4 and its realism falls.
+        for t, (ta, tb) in {0: (0.1, 0.1), 100: (0.6, 0.2), 200: (0.8, 0.4)}.items():
+            rows += [_row("a", seed, t, "eval", "taste_rate", ta), _row("b", seed, t, "eval", "taste_rate", tb),
+                     _row("a", seed, t, "eval", "realism", 0.95), _row("b", seed, t, "eval", "realism", 0.95 - t / 1000)]
+        for epoch in range(1, 11):
+            rows += [_row("a", seed, epoch * 20, "train", "reward_mean", -1 + epoch / 20),
+                     _row("b", seed, epoch * 20, "train", "reward_mean", -1 + epoch / 10)]
+    reach = "\n".join(reach_lines(rows, "taste_rate"))
+    assert "| a | 200 | 100 |" in reach  # a needs 200 to reach its own 0.8, 100 to reach b's 0.4
+    assert "| b | — | 200 |" in reach  # b never reaches a's 0.8
+    hacking = "\n".join(hacking_lines(rows))
+    assert "| a |" in hacking and "0.950 → 0.950 | no |" in hacking
+    assert "0.950 → 0.750 | yes |" in hacking  # b's reward rose while the judge's realism fell 20 points

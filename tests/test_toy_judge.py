@@ -14,20 +14,30 @@ import torch
 
 from fastdag.toy.classifier import ASSETS_DIR, evaluate_classifier, evaluate_realism, load_classifier, soften
 from fastdag.toy.judge import (
+    JUDGE_CONFIG,
     JUDGE_REPORT,
     JUDGE_WEIGHTS,
     Judge,
     SeenShape,
     Sighting,
     judge_augment,
+    frechet_distance,
     judge_metric,
     normalised_entropy,
+    reference_renders,
     stated_accuracy,
     train_judge,
     unstated_counts,
 )
-from fastdag.toy.negatives import NEGATIVE_TYPES, gaussian_blur, make_negatives, negative_batch
-from fastdag.toy.reward import AESTHETIC_TASTE
+from fastdag.toy.negatives import (
+    HACKED_TYPES,
+    NEGATIVE_TYPES,
+    gaussian_blur,
+    hacked_bank,
+    make_negatives,
+    negative_batch,
+)
+from fastdag.toy.reward import AESTHETIC_TASTE, Taste
 from fastdag.toy.world import RESOLUTION, Scene, Shape, render, sample_batch
 
 # Seeds the shipped networks never trained or were evaluated on (they used SeedSequence(0) and (1) children).
@@ -50,7 +60,7 @@ def test_negatives_are_seeded_images(kind: str) -> None:
     assert a.min() >= 0 and a.max() <= 1
     torch.testing.assert_close(a, draw(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="negative type"):
-        make_negatives("hacked", 1, np.random.default_rng(0), torch.Generator())
+        make_negatives("bogus", 1, np.random.default_rng(0), torch.Generator())
 
 
 def test_blur_negatives_are_blurrier_than_the_clean_augmentation() -> None:
@@ -100,17 +110,49 @@ def test_stated_accuracy_scores_only_what_the_prompt_states() -> None:
 
 
 def test_taste_needs_every_shape_and_the_background() -> None:
-    assert AESTHETIC_TASTE.met(["large"], "white") and AESTHETIC_TASTE.met(["large", "large"], "white")
-    assert not AESTHETIC_TASTE.met(["large", "small"], "white") and not AESTHETIC_TASTE.met(["large"], "gray")
-    assert not AESTHETIC_TASTE.met([], "white")
+    # The aesthetic task's taste is a white background, whatever the sizes; a taste naming a size needs it on all.
+    assert AESTHETIC_TASTE.met(["large"], "white") and AESTHETIC_TASTE.met(["small", "large"], "white")
+    assert not AESTHETIC_TASTE.met(["large"], "gray") and not AESTHETIC_TASTE.met([], "white")
+    large_on_white = Taste(size="large", background="white")
+    assert large_on_white.met(["large", "large"], "white") and not large_on_white.met(["large", "small"], "white")
+
+
+def test_frechet_distance_matches_the_closed_form() -> None:
+    gen = torch.Generator().manual_seed(SEED)
+    a = torch.randn(400, 6, generator=gen, dtype=torch.float64) @ torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    b = torch.randn(300, 6, generator=gen, dtype=torch.float64) * 2 + 1
+    # Independently: Tr (Σa Σb)^½ = Σ √λ over the (real, non-negative) eigenvalues of Σa Σb.
+    ca, cb = np.cov(a.numpy().T), np.cov(b.numpy().T)
+    cross = np.sqrt(np.clip(np.linalg.eigvals(ca @ cb).real, 0, None)).sum()
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum().item() + np.trace(ca) + np.trace(cb) - 2 * cross
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+    assert abs(frechet_distance(a, a)) < 1e-9 and frechet_distance(a, b) == pytest.approx(frechet_distance(b, a))
+    with pytest.raises(ValueError, match="feature sets"):
+        frechet_distance(a, b[:, :5])
+
+
+@shipped
+def test_frechet_distance_of_judge_features_orders_renders_and_noise() -> None:
+    judge = Judge()
+    prompts = ["a red circle", "a blue square", "a large triangle on a white background"] * 32
+    refs = judge.features(reference_renders(prompts))
+    assert refs.shape == (96, JUDGE_CONFIG.hidden)
+    torch.testing.assert_close(reference_renders(prompts), reference_renders(prompts), rtol=0, atol=0)
+    other_renders = frechet_distance(refs, judge.features(reference_renders(prompts, seed=SEED)))
+    noise = frechet_distance(refs, judge.features(torch.rand(96, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(0))))
+    one_background = [p.replace(" on a white background", "") + " on a black background" for p in prompts]
+    collapsed = frechet_distance(refs, judge.features(reference_renders(one_background, seed=SEED)))
+    # True renders of the same prompts are near; a collapse onto one background farther; noise farthest.
+    assert other_renders < collapsed < noise and noise > 5 * other_renders
 
 
 def test_short_judge_run_writes_a_loadable_judge(tmp_path: Path) -> None:
     report = train_judge(tmp_path, seed=5, steps=2, batch_size=4, negatives_per_type=1, eval_images=8,
                          progress=False)
     assert json.loads((tmp_path / JUDGE_REPORT).read_text()) == json.loads(json.dumps(report))
-    assert report["config"]["arch"] == "residual" and set(report["heldout_realism"]) == {
-        "render", "render_softened", *NEGATIVE_TYPES}
+    # The judge trains on the synthetic negatives only; its realism is measured on the hacked bank too.
+    assert report["config"]["arch"] == "residual" and report["training"]["negative_types"] == list(NEGATIVE_TYPES)
+    assert set(report["heldout_realism"]) == {"render", "render_softened", *HACKED_TYPES}
     judge = Judge(tmp_path)
     batch = sample_batch(np.random.default_rng(SEED), 3)
     sightings = judge.see(batch.images)
@@ -163,7 +205,21 @@ def test_shipped_judge_sees_a_rendered_scene() -> None:
 def test_shipped_reward_classifier_realism() -> None:
     model = load_classifier()
     realism = evaluate_realism(model, np.random.default_rng(SEED + 2), torch.Generator().manual_seed(SEED + 2), 64)
-    assert min(realism.values()) >= 0.95, realism
+    assert min(realism.values()) >= 0.95 and "hacked" in realism, realism
+    report = json.loads((ASSETS_DIR / "shapes_classifier.json").read_text())
+    assert report["training"]["negative_types"] == list(HACKED_TYPES)
+
+
+def test_hacked_bank_splits_by_prompt_and_draws_seeded() -> None:
+    train, heldout = hacked_bank("train"), hacked_bank("heldout")
+    assert train.shape[1:] == heldout.shape[1:] == (3, RESOLUTION, RESOLUTION) and len(train) >= 3 * len(heldout) > 0
+    provenance = json.loads((ASSETS_DIR / "hacked_samples.json").read_text())
+    assert provenance["prompts"]["train"] != provenance["prompts"]["heldout"]
+    a = make_negatives("hacked", 8, np.random.default_rng(0), torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, make_negatives("hacked", 8, np.random.default_rng(0), torch.Generator().manual_seed(3)))
+    # Every draw is a bank image of the split, maybe mirrored.
+    flat = torch.cat([train, train.flip(-1)]).flatten(1)
+    assert all((flat == x.flatten()).all(1).any() for x in a)
 
 
 def test_unstated_distributions_and_their_entropy() -> None:

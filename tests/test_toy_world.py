@@ -206,3 +206,19 @@ def test_dropout_zero_gives_the_stream_of_full_captions() -> None:
     assert a.captions == b.captions == [caption(s) for s in a.scenes]
     with pytest.raises(ValueError, match="dropout"):
         drop_attributes(a.scenes[0], np.random.default_rng(0), 1.5)
+
+
+def test_prompt_sample_scene_fills_what_the_prompt_leaves_out() -> None:
+    rng = np.random.default_rng(SEED)
+    one, two = parse_prompt("a red circle"), parse_prompt("a square at the top left and a small triangle")
+    ones = [one.sample_scene(rng) for _ in range(600)]
+    assert all(parse_prompt(caption(s)) == prompt_of(s) for s in ones)  # valid scenes of the world
+    assert all(s.shapes[0].kind == "circle" and s.shapes[0].colour == "red" for s in ones)
+    # Unstated attributes drawn over every value, as the world draws them.
+    assert {s.background for s in ones} == set(BACKGROUNDS)
+    assert {s.shapes[0].position for s in ones} == set(POSITIONS)
+    assert {s.shapes[0].size for s in ones} == set(SIZES)
+    twos = [two.sample_scene(rng) for _ in range(300)]
+    assert all(s.shapes[0].position == "top left" and s.shapes[1].size == "small" for s in twos)
+    assert {s.shapes[1].position for s in twos} == {"top right", "bottom left", "bottom right"}
+

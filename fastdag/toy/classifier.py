@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastdag.toy.negatives import NEGATIVE_TYPES, make_negatives, negative_batch
+from fastdag.toy.negatives import HACKED_BANK, HACKED_TYPES, make_negatives, negative_batch
 from fastdag.toy.world import (
     BACKGROUND_NAMES,
     COLOUR_NAMES,
@@ -229,12 +229,12 @@ def _gather_log_probs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return torch.where(target == IGNORE, torch.zeros_like(picked), picked)
 
 
-def scene_log_likelihood(out: ClassifierOutput, targets: SceneTargets) -> torch.Tensor:
-    """Mean log-probability of the scene's attributes. Returns float32 [B], each ≤ 0.
+def scene_log_likelihood(out: ClassifierOutput, targets: SceneTargets, reduce: str = "mean") -> torch.Tensor:
+    """Mean (or, with reduce="sum", total) log-probability of the scene's attributes. Returns float32 [B] ≤ 0.
 
     The terms are: the kind of each of the N_SLOTS slots (EMPTY for unmentioned ones), the colour and the size
-    of each shape, and the background: 5 + 2 · (number of shapes) + 1 terms for a full scene, averaged. A
-    colour, size or background that is IGNORE (unstated by a partial prompt) is not a term.
+    of each shape, and the background: 5 + 2 · (number of shapes) + 1 terms for a full scene. A colour, size or
+    background that is IGNORE (unstated by a partial prompt) is not a term.
     """
     terms = N_SLOTS + (targets.colour != IGNORE).sum(1) + (targets.size != IGNORE).sum(1)
     terms = terms + (targets.background != IGNORE).long()
@@ -244,7 +244,7 @@ def scene_log_likelihood(out: ClassifierOutput, targets: SceneTargets) -> torch.
         + _gather_log_probs(out.size, targets.size).sum(1)
         + _gather_log_probs(out.background.unsqueeze(1), targets.background.unsqueeze(1)).squeeze(1)
     )
-    return total / terms
+    return total if reduce == "sum" else total / terms
 
 
 def attribute_accuracy(out: ClassifierOutput, targets: SceneTargets) -> dict[str, torch.Tensor]:
@@ -391,12 +391,14 @@ def evaluate_classifier(
 
 @torch.no_grad()
 def evaluate_realism(
-    model: ShapesClassifier, rng: np.random.Generator, generator: torch.Generator, n_per_type: int
+    model: ShapesClassifier, rng: np.random.Generator, generator: torch.Generator, n_per_type: int,
+    types: Sequence[str] = HACKED_TYPES,
 ) -> dict[str, float]:
     """Fraction of images the realism output gets right (p > 0.5 for renders, < 0.5 for negatives), per type.
 
     Keys: "render" and "render_softened" (fresh world images, as is and after `soften`), then each of
-    NEGATIVE_TYPES, each on `n_per_type` fresh images.
+    `types`, each on `n_per_type` fresh images (hacked: drawn from the bank's held-out split; types whose bank
+    is missing are left out).
     """
     model.eval()
     renders = sample_batch(rng, n_per_type, exclude_heldout=False).images
@@ -404,8 +406,11 @@ def evaluate_realism(
         "render": (model(renders).realism > 0).float().mean().item(),
         "render_softened": (model(soften(renders)).realism > 0).float().mean().item(),
     }
-    for kind in NEGATIVE_TYPES:
-        result[kind] = (model(make_negatives(kind, n_per_type, rng, generator)).realism < 0).float().mean().item()
+    for kind in types:
+        if kind == "hacked" and not HACKED_BANK.is_file():
+            continue
+        negatives = make_negatives(kind, n_per_type, rng, generator, split="heldout")
+        result[kind] = (model(negatives).realism < 0).float().mean().item()
     return result
 
 
@@ -422,10 +427,11 @@ def train_classifier(
     augmentation: Callable[[torch.Tensor, torch.Generator], torch.Tensor] = augment,
     weights_name: str = WEIGHTS_NAME,
     report_name: str = REPORT_NAME,
+    negative_types: Sequence[str] = HACKED_TYPES,
 ) -> dict:
     """Trains the classifier on fresh generator batches and writes `weights_name` and `report_name` in `out_dir`.
 
-    Each step sees `batch_size` renders and `negatives_per_type` negatives of each of NEGATIVE_TYPES, all passed
+    Each step sees `batch_size` renders and `negatives_per_type` negatives of each of `negative_types`, all passed
     through `augmentation(images, generator)`. Seeded: the weights, the training images and negatives, the
     augmentation and the evaluation images all derive from `seed`, the training and evaluation streams from two
     independent children of SeedSequence(seed). AdamW with linear warm-up over the first 5% of steps, then
@@ -462,7 +468,7 @@ def train_classifier(
     model.train()
     for _ in bar:
         batch = sample_batch(data_rng, batch_size, exclude_heldout=False)
-        images = torch.cat([batch.images, negative_batch(negatives_per_type, data_rng, negative_gen)])
+        images = torch.cat([batch.images, negative_batch(negatives_per_type, data_rng, negative_gen, negative_types)])
         n_negatives = images.shape[0] - batch_size
         loss, metrics = classifier_loss(
             model(augmentation(images, augment_gen)), SceneTargets.from_scenes(batch.scenes), n_negatives=n_negatives
@@ -477,7 +483,7 @@ def train_classifier(
     accuracy = evaluate_classifier(model, np.random.default_rng(eval_seq), eval_images)
     softened = evaluate_classifier(model, np.random.default_rng(eval_seq), eval_images, transform=soften)
     realism = evaluate_realism(
-        model, np.random.default_rng(eval_seq.spawn(1)[0]), torch.Generator().manual_seed(seed + 2), eval_images // 4
+        model, np.random.default_rng(eval_seq.spawn(1)[0]), torch.Generator().manual_seed(seed + 2), eval_images // 4,
     )
     report = {
         "config": asdict(config),
@@ -488,7 +494,7 @@ def train_classifier(
             "steps": steps,
             "batch_size": batch_size,
             "negatives_per_type": negatives_per_type,
-            "negative_types": list(NEGATIVE_TYPES),
+            "negative_types": list(negative_types),
             "augmentation": augmentation.__module__ + "." + augmentation.__qualname__,
             "lr": lr,
             "seconds": round(train_seconds, 1),

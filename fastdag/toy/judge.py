@@ -22,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -33,9 +34,9 @@ from fastdag.toy.classifier import (
     load_classifier,
     train_classifier,
 )
-from fastdag.toy.negatives import gaussian_blur
+from fastdag.toy.negatives import NEGATIVE_TYPES, gaussian_blur
 from fastdag.toy.reward import AESTHETIC_TASTE, Taste
-from fastdag.toy.world import BACKGROUND_NAMES, COLOUR_NAMES, KINDS, POSITION_NAMES, SIZE_NAMES, parse_prompt
+from fastdag.toy.world import BACKGROUND_NAMES, COLOUR_NAMES, KINDS, POSITION_NAMES, SIZE_NAMES, parse_prompt, render
 
 JUDGE_WEIGHTS = "shapes_judge.safetensors"
 JUDGE_REPORT = "shapes_judge.json"
@@ -64,11 +65,13 @@ def judge_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
 
 
 def train_judge(out_dir: str | Path = ASSETS_DIR, seed: int = JUDGE_SEED, steps: int = 2000, **kwargs) -> dict:
-    """Trains the judge (`classifier.train_classifier` with the judge's architecture, seed and augmentation) and
-    writes JUDGE_WEIGHTS and JUDGE_REPORT in `out_dir`. kwargs: other `train_classifier` settings."""
+    """Trains the judge (`classifier.train_classifier` with the judge's architecture, seed and augmentation, and
+    the synthetic negatives only: not the hacked bank the reward's classifier learns from, so the judge's realism
+    on hacked samples is an independent reading) and writes JUDGE_WEIGHTS and JUDGE_REPORT in `out_dir`.
+    kwargs: other `train_classifier` settings."""
     return train_classifier(
         out_dir, seed=seed, steps=steps, config=JUDGE_CONFIG, augmentation=judge_augment,
-        weights_name=JUDGE_WEIGHTS, report_name=JUDGE_REPORT, **kwargs,
+        weights_name=JUDGE_WEIGHTS, report_name=JUDGE_REPORT, negative_types=NEGATIVE_TYPES, **kwargs,
     )
 
 
@@ -97,9 +100,8 @@ class Judge:
     def __init__(self, path: str | Path | None = None, device: torch.device | str = "cpu") -> None:
         self.model: ShapesClassifier = load_classifier(path, device, weights_name=JUDGE_WEIGHTS)
 
-    @torch.no_grad()
-    def see(self, images: torch.Tensor) -> list[Sighting]:
-        """images float [B, 3, H, W] in [0, 1] (any H, W: resized to the judge's input) -> B sightings."""
+    def _input(self, images: torch.Tensor) -> torch.Tensor:
+        """images float [B, 3, H, W] in [0, 1] -> the judge's input (its device, resized to its resolution)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
         device = next(self.model.parameters()).device
@@ -107,6 +109,20 @@ class Judge:
         size = self.model.config.resolution
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return x
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The judge's penultimate activations (after the hidden layer's GELU), float32 [B, hidden] on the CPU:
+        the embedding the Fréchet distance compares, as FID compares Inception's pool features."""
+        x = self._input(images)
+        hidden = self.model.head[:-1](self.model.features(x * 2.0 - 1.0))
+        return hidden.float().cpu()
+
+    @torch.no_grad()
+    def see(self, images: torch.Tensor) -> list[Sighting]:
+        """images float [B, 3, H, W] in [0, 1] (any H, W: resized to the judge's input) -> B sightings."""
+        x = self._input(images)
         out = self.model(x)
         kind, colour = out.kind.argmax(-1).cpu(), out.colour.argmax(-1).cpu()  # [B, S]
         sizes, background = out.size.argmax(-1).cpu(), out.background.argmax(-1).cpu()
@@ -224,6 +240,34 @@ def normalised_entropy(counts: dict[str, int]) -> float:
     return 0.0 - sum(p * math.log(p) for p in probs) / math.log(len(counts))  # 0.0 -: no "-0.0"
 
 
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets a [N, D], b [M, D] (as FID):
+    |μa − μb|² + Tr(Σa + Σb − 2 (Σa Σb)^½), in float64. Tr (Σa Σb)^½ is the sum of the square roots of the
+    eigenvalues of Σa^½ Σb Σa^½ (symmetric, so `eigh` suffices; tiny negative eigenvalues from rounding are
+    clipped). Biased upward at small N like FID: compare sets of equal size only."""
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(a.shape[0], b.shape[0]) < 2:
+        raise ValueError(f"need two feature sets [N ≥ 2, D] of one D, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = a.double(), b.double()
+    mu = (a.mean(0) - b.mean(0)).square().sum()
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    values, vectors = torch.linalg.eigh(cov_a)
+    root_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    return float(mu + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross)
+
+
+# Seed of the true renders that samples are compared with: the same references before and after training.
+REFERENCE_SEED = 0
+
+
+def reference_renders(prompts: Sequence[str], seed: int = REFERENCE_SEED) -> torch.Tensor:
+    """One true render per prompt (a scene the prompt describes, unstated attributes drawn uniformly as the
+    world draws them; `Prompt.sample_scene`), float32 [N, 3, 32, 32] in [0, 1]; seeded, so repeatable."""
+    rng = np.random.default_rng(seed)
+    arrays = [render(parse_prompt(text).sample_scene(rng)) for text in prompts]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+
+
 def judge_summary(
     images: torch.Tensor, prompts: Sequence[str], judge: Judge | None = None, taste: Taste = AESTHETIC_TASTE
 ) -> dict:
@@ -233,9 +277,13 @@ def judge_summary(
     `images`; `taste_rate` (fraction that meet `taste`); `realism` (mean p(clean render)) and `realism_rate`
     (fraction with p > 0.5); `stated_accuracy` (per attribute, the mean over images that state it, plus count
     and all); `unstated` (per attribute the prompts leave out: `counts`, the pooled `normalised_entropy`, and
-    `per_prompt_normalised_entropy` mean and min over prompts, each prompt's samples pooled).
+    `per_prompt_normalised_entropy` mean and min over prompts, each prompt's samples pooled); `frechet_distance`
+    between the judge's features of the samples and of one true render per sample (`reference_renders`: the
+    world's own spread of what the prompts leave out, so both a broken render and a collapse onto one
+    background raise it).
     """
-    sightings = (judge or shipped_judge()).see(images)
+    judge = judge or shipped_judge()
+    sightings = judge.see(images)
     accuracy = stated_accuracy(sightings, prompts)
     by_prompt: dict[str, list[int]] = {}
     for i, text in enumerate(prompts):
@@ -254,6 +302,7 @@ def judge_summary(
         "taste_rate": sum(taste.met([x.size for x in s.shapes], s.background) for s in sightings) / len(sightings),
         "realism": sum(realism) / len(realism),
         "realism_rate": sum(r > 0.5 for r in realism) / len(realism),
+        "frechet_distance": frechet_distance(judge.features(images), judge.features(reference_renders(prompts))),
         "stated_accuracy": {
             name: (sum(v for v in values if v is not None) / n if (n := sum(v is not None for v in values)) else None)
             for name, values in accuracy.items()

@@ -11,20 +11,65 @@ turned its samples into coloured noise that the classifier read as shapes (DESIG
 - broken: a render damaged in one of four ways: its 8 × 8 tiles shuffled, a random rectangle replaced by noise,
   heavy additive noise (σ 0.15–0.4), or blended with a noise field (30–70%).
 
-Samples from models that hacked a reward are the fifth type; they come from training runs, not from here.
+- hacked: samples of a model that hacked a reward, from a bank collected from training runs
+  (`fastdag/assets/hacked_samples.png`, how it was made in `hacked_samples.json`; `python -m
+  fastdag.toy.hacked_bank` rebuilds it from a run's checkpoint). Its train split teaches the reward's classifier;
+  its held-out split (samples for other prompts) measures it. The judge does not train on it: it stays the
+  independent check of what the reward's classifier learned (HACKED_TYPES vs NEGATIVE_TYPES).
+
 Every function is seeded by its generator arguments and returns float32 [B, 3, RESOLUTION, RESOLUTION] in [0, 1].
 """
 from __future__ import annotations
 
+import json
 import math
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal, Sequence
 
 import numpy as np
+from PIL import Image
 import torch
 import torch.nn.functional as F
 
 from fastdag.toy.world import RESOLUTION, sample_batch
 
 NEGATIVE_TYPES: tuple[str, ...] = ("noise", "blur", "blobs", "broken")
+# The reward classifier's negatives: the synthetic ones and the bank of hacked samples.
+HACKED_TYPES: tuple[str, ...] = (*NEGATIVE_TYPES, "hacked")
+HACKED_BANK = Path(__file__).resolve().parents[1] / "assets" / "hacked_samples.png"
+
+
+def save_bank(images: torch.Tensor, split: Sequence[str], path: Path, provenance: dict) -> None:
+    """Writes uint8 images [N, 3, R, R] as one PNG row of tiles (lossless, small) and a JSON beside it with
+    each image's split ("train" / "heldout") and `provenance` (how the images were made)."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or len(split) != images.shape[0]:
+        raise ValueError(f"need uint8 [N, 3, R, R] and N splits, got {images.dtype} {tuple(images.shape)}, {len(split)}")
+    n, _, r, _ = images.shape
+    strip = images.permute(2, 0, 3, 1).reshape(r, n * r, 3).numpy()  # [R, N·R, 3]
+    Image.fromarray(strip).save(path, optimize=True)
+    path.with_suffix(".json").write_text(json.dumps({**provenance, "split": list(split)}, indent=1) + "\n")
+
+
+@lru_cache(maxsize=4)
+def hacked_bank(split: Literal["train", "heldout"], path: Path = HACKED_BANK) -> torch.Tensor:
+    """The bank's images of one split, float32 [N, 3, R, R] in [0, 1]. FileNotFoundError if it is not there."""
+    strip = torch.from_numpy(np.array(Image.open(path).convert("RGB")))  # [R, N·R, 3]
+    r = strip.shape[0]
+    images = strip.reshape(r, -1, r, 3).permute(1, 3, 0, 2).float() / 255.0
+    splits = json.loads(path.with_suffix(".json").read_text())["split"]
+    keep = torch.tensor([s == split for s in splits])
+    if len(splits) != images.shape[0] or not keep.any():
+        raise ValueError(f"{path}: {images.shape[0]} images, {len(splits)} split labels, none {split!r}")
+    return images[keep]
+
+
+def hacked(n: int, generator: torch.Generator, split: Literal["train", "heldout"] = "train") -> torch.Tensor:
+    """n images drawn from the bank's split, each flipped left-right with probability 1/2."""
+    bank = hacked_bank(split)
+    out = bank[torch.randint(bank.shape[0], (n,), generator=generator)]
+    flip = torch.rand(n, generator=generator) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
 
 
 def _uniform(generator: torch.Generator, low: float, high: float, *shape: int) -> torch.Tensor:
@@ -104,8 +149,13 @@ def broken(renders: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out.clamp(0.0, 1.0)
 
 
-def make_negatives(kind: str, n: int, rng: np.random.Generator, generator: torch.Generator) -> torch.Tensor:
-    """n negatives of one type (NEGATIVE_TYPES); renders behind blur/broken are fresh world scenes from rng."""
+def make_negatives(
+    kind: str, n: int, rng: np.random.Generator, generator: torch.Generator, split: Literal["train", "heldout"] = "train"
+) -> torch.Tensor:
+    """n negatives of one type (HACKED_TYPES); renders behind blur/broken are fresh world scenes from rng; split:
+    which part of the hacked bank to draw from."""
+    if kind == "hacked":
+        return hacked(n, generator, split)
     if kind == "noise":
         return noise_fields(n, generator)
     if kind == "blobs":
@@ -113,9 +163,11 @@ def make_negatives(kind: str, n: int, rng: np.random.Generator, generator: torch
     if kind in ("blur", "broken"):
         renders = sample_batch(rng, n, exclude_heldout=False).images
         return blurred(renders, generator) if kind == "blur" else broken(renders, generator)
-    raise ValueError(f"negative type must be one of {NEGATIVE_TYPES}, got {kind!r}")
+    raise ValueError(f"negative type must be one of {HACKED_TYPES}, got {kind!r}")
 
 
-def negative_batch(n_per_type: int, rng: np.random.Generator, generator: torch.Generator) -> torch.Tensor:
-    """n_per_type negatives of each type, in NEGATIVE_TYPES order: float32 [len(NEGATIVE_TYPES) · n_per_type, 3, H, W]."""
-    return torch.cat([make_negatives(kind, n_per_type, rng, generator) for kind in NEGATIVE_TYPES])
+def negative_batch(
+    n_per_type: int, rng: np.random.Generator, generator: torch.Generator, types: Sequence[str] = NEGATIVE_TYPES
+) -> torch.Tensor:
+    """n_per_type negatives of each type, in `types` order: float32 [len(types) · n_per_type, 3, H, W]."""
+    return torch.cat([make_negatives(kind, n_per_type, rng, generator) for kind in types])

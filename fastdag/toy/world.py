@@ -226,6 +226,30 @@ class Prompt:
         shapes = tuple(Shape(s.kind, s.colour, s.size, s.position) for s in self.shapes)  # type: ignore[arg-type]
         return Scene(shapes=shapes, background=self.background)  # type: ignore[arg-type]
 
+    def sample_scene(self, rng: np.random.Generator) -> Scene:
+        """A scene the prompt describes, drawn as the world draws scenes: each unstated attribute uniform, a lone
+        shape's unstated position one of the 5 slots, two shapes' unstated positions distinct free corners, ±1 px
+        jitter. The true renders a sample of this prompt is compared with."""
+        if len(self.shapes) == 1:
+            free = list(POSITION_NAMES)
+        else:
+            free = [c for c in CORNERS if c not in {s.position for s in self.shapes}]
+            free = [free[i] for i in rng.permutation(len(free))]
+        shapes = []
+        for s in self.shapes:
+            position = s.position if s.position is not None else (
+                free[int(rng.integers(len(free)))] if len(self.shapes) == 1 else free.pop()
+            )
+            shapes.append(Shape(
+                kind=s.kind,
+                colour=s.colour or COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))],
+                size=s.size or SIZE_NAMES[rng.integers(len(SIZE_NAMES))],
+                position=position,
+                offset=(int(rng.integers(-MAX_JITTER, MAX_JITTER + 1)), int(rng.integers(-MAX_JITTER, MAX_JITTER + 1))),
+            ))
+        background = self.background or BACKGROUND_NAMES[rng.integers(len(BACKGROUND_NAMES))]
+        return Scene(shapes=tuple(shapes), background=background)
+
 
 def prompt_of(scene: Scene) -> Prompt:
     """The full prompt of a scene (every attribute stated)."""
