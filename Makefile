@@ -17,7 +17,7 @@ $(BIN)/fastdag: setup.py
 setup: $(BIN)/fastdag
 
 demo: setup
-	$(BIN)/fastdag train --config configs/shapes_align.yaml
+	$(BIN)/fastdag train --config configs/shapes_aesthetic.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2 tests

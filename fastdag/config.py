@@ -352,7 +352,10 @@ class EvalConfig:
     prompts: Optional[str] = _f(
         None, "Held-out prompt set or file evaluated before training and after it (None: no evaluation)."
     )
-    metric: Optional[str] = _f(None, "A registered metric reported beside the reward (e.g. shapes_accuracy).")
+    metric: Optional[str] = _f(
+        None, "A registered metric reported beside the reward (shapes_judge, shapes_accuracy, clip_diversity)."
+    )
+    metric_kwargs: dict[str, Any] = _f({}, "Keyword arguments of the metric (clip_diversity: model, device).")
     samples_per_prompt: int = _f(4, "Images per evaluation prompt.")
     num_steps: Optional[int] = _f(None, "DDIM steps for evaluation; None = sample.num_steps.")
     guidance_scale: Optional[float] = _f(None, "CFG weight for evaluation; None = sample.guidance_scale.")

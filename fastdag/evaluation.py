@@ -40,7 +40,7 @@ class Evaluator:
         self.cfg, self.model, self.reward, self.step_fn, self.uncond = cfg, model, reward, step_fn, uncond
         prompts = load_prompts(PromptsConfig(source=e.prompts, column=cfg.prompts.column))
         self.prompts = [p for p in prompts for _ in range(e.samples_per_prompt)]
-        self.metric = build_metric(e.metric) if e.metric else None
+        self.metric = build_metric(e.metric, e.metric_kwargs) if e.metric else None
         self.schedule = ddim_step_schedule(model.scheduler, e.num_steps or cfg.sample.num_steps, model.device)
 
     def __call__(self) -> Evaluation:

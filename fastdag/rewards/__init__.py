@@ -7,7 +7,7 @@ message naming the reward if one misbehaves.
 from __future__ import annotations
 
 import io
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -134,10 +134,23 @@ def _shapes_judge_metric() -> Callable[..., dict[str, torch.Tensor]]:
 METRICS["shapes_judge"] = _shapes_judge_metric
 
 
-def build_metric(name: str) -> Callable[..., dict[str, torch.Tensor]]:
+def _clip_diversity_metric(**kwargs: Any) -> Callable[..., dict[str, torch.Tensor]]:
+    # Diversity of a model's samples per prompt (SD models): mean pairwise cosine distance of CLIP embeddings.
+    from fastdag.rewards.diversity import ClipDiversity
+
+    return ClipDiversity(**kwargs)
+
+
+METRICS["clip_diversity"] = _clip_diversity_metric
+
+
+def build_metric(name: str, kwargs: Optional[dict[str, Any]] = None) -> Callable[..., dict[str, torch.Tensor]]:
     if name not in METRICS:
         raise ConfigError(f"eval.metric: unknown metric {name!r}; registered: {', '.join(sorted(METRICS))}")
-    return METRICS[name]()
+    try:
+        return METRICS[name](**(kwargs or {}))
+    except TypeError as e:
+        raise ConfigError(f"eval.metric_kwargs: {name} does not take {sorted(kwargs or {})} ({e})") from None
 
 
 def build_reward(name: str, kwargs: dict[str, Any]) -> RewardFn:

@@ -12,7 +12,6 @@ held-out realism figure is on images of prompts the bank never trained on.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
