@@ -590,6 +590,21 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _set_path(data: dict[str, Any], keys: list[str], value: Any) -> dict[str, Any]:
+    """A copy of `data` with the dotted key set: only that leaf changes, so `reward.kwargs.a=1` then
+    `reward.kwargs.b=2` keeps both (a free-form mapping is not replaced by a key inside it), while
+    `reward.kwargs={a: 1}` replaces the mapping and `train={epochs: 2}` merges into the section."""
+    out = dict(data)
+    head = keys[0]
+    if len(keys) > 1:
+        out[head] = _set_path(out[head] if isinstance(out.get(head), dict) else {}, keys[1:], value)
+    elif isinstance(value, dict) and isinstance(out.get(head), dict) and head != "kwargs":
+        out[head] = _merge(out[head], value)
+    else:
+        out[head] = value
+    return out
+
+
 def _section_fields(cls: type, dotted: str) -> tuple[Any, str]:
     """The annotation of a dotted key, or ConfigError naming the valid keys at the first unknown part."""
     parts = dotted.split(".")
@@ -673,10 +688,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         data = loaded or {}
     for item in overrides or []:
         keys, value = parse_override(item)
-        nested: dict[str, Any] = {keys[-1]: value}
-        for k in reversed(keys[:-1]):
-            nested = {k: nested}
-        data = _merge(data, nested)
+        data = _set_path(data, keys, value)
     try:
         return _build(Config, data)
     except TypeError as e:  # a section given a scalar, e.g. `train: 3`

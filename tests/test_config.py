@@ -28,6 +28,21 @@ def test_yaml_then_overrides(tmp_path):
     assert isinstance(load_config(None, ["train.learning_rate=1"]).train.learning_rate, float)
 
 
+def test_overrides_into_a_mapping_set_one_key(tmp_path):
+    # Each `reward.kwargs.KEY=...` sets its key: a second one used to replace the mapping, silently dropping the
+    # first (a run with reward.kwargs.stated=sum reward.kwargs.taste_weight=0.5 ran without `stated`).
+    path = tmp_path / "c.yaml"
+    path.write_text("reward:\n  name: shapes_aesthetic\n  kwargs:\n    taste_weight: 1.0\n    stated: sum\n")
+    cfg = load_config(path, ["reward.kwargs.stated=mean", "reward.kwargs.realism_weight=2"])
+    assert cfg.reward.kwargs == {"taste_weight": 1.0, "stated": "mean", "realism_weight": 2}
+    assert load_config(path, ["reward.kwargs.size=null"]).reward.kwargs["size"] is None
+    # A whole mapping replaces the file's; a section given as a mapping still merges into the file's section.
+    assert load_config(path, ["reward.kwargs={a: 1}"]).reward.kwargs == {"a": 1}
+    path.write_text("train:\n  epochs: 7\n  seed: 3\n")
+    cfg = load_config(path, ["train={epochs: 2}"])
+    assert (cfg.train.epochs, cfg.train.seed) == (2, 3)
+
+
 def test_saved_config_round_trips(tmp_path):
     cfg = load_config(None, ["train.epochs=3", "dag.beta=2.5"])
     save_config(cfg, tmp_path / "config.yaml")
