@@ -1,11 +1,12 @@
 """The bank of hacked samples: what a model that gamed a reward draws, kept as negatives of the reward's realism.
 
-A realism output trained only on synthetic negatives (noise, blur, blobs, broken renders) still passes much of
-what a hacked model draws: DAG-DB against JPEG incompressibility for 16 epochs broke shapes-tiny's samples into
-textured smears that the first reward classifier scored as clean renders about half the time. Those samples,
-collected here and added to its training (`classifier.train_classifier`, type "hacked"), close that gap. The
-train split is sampled on the run's training prompts, the held-out split on its held-out prompts, so the
-held-out realism figure is on images of prompts the bank never trained on.
+A realism output trained only on synthetic negatives (noise, blur, blobs, broken renders) may pass what a hacked
+model draws. Round 1 (the shipped bank): DAG-DB against JPEG incompressibility at LoRA lr 1e-2 broke
+shapes-tiny's samples into textured smears (16 epochs; the judge's realism 0.93 -> 0.03); collected here and added
+to the reward classifier's training (`classifier.train_classifier`, type "hacked"). The first classifier already
+refused these; the same run's milder samples at 8 epochs (judge realism 0.52) are where both networks hesitate,
+and are the material of a next round. The train split is sampled on the run's training prompts, the held-out
+split on its held-out prompts, so the held-out realism figure is on images of prompts the bank never trained on.
 
     python -m fastdag.toy.hacked_bank RUN_DIR_OR_CHECKPOINT [--per-prompt N] [--out PNG]
 """
