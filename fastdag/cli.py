@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from typing import Optional
 
@@ -66,11 +67,12 @@ def train_main(argv: Optional[list[str]] = None, prog: str = "fastdag train") ->
         return _fail(str(e))
     # Every process runs the same checks, so rank 0 alone reports (N copies of one line help nobody).
     logging.basicConfig(level=logging.INFO if world.is_main else logging.WARNING, format="%(message)s")
-    from fastdag.errors import ENVIRONMENT_ERRNOS, RunStopped, describe_os_error, keep_traceback
+    from fastdag.errors import ENVIRONMENT_ERRNOS, RunStopped, describe_os_error, install_stop_handler, keep_traceback
     from fastdag.rewards import RewardError
     from fastdag.trainer import Trainer
 
     trainer = None
+    previous_handler = install_stop_handler()
     try:
         trainer = Trainer(cfg)
         rows = trainer.fit()
@@ -90,6 +92,7 @@ def train_main(argv: Optional[list[str]] = None, prog: str = "fastdag train") ->
             print(f"fastdag: {_interrupted(cfg, trainer)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
+        signal.signal(signal.SIGINT, previous_handler)
         shutdown()
     if world.is_main:
         last = rows[-1]

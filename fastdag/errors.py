@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import re
+import signal
 import traceback
 from pathlib import Path
 from typing import Optional
@@ -48,3 +49,31 @@ def keep_traceback(run_dir: Optional[Path], error: BaseException, details: Optio
     except OSError:
         return None
     return path
+
+
+# Ctrl-C. Python raises KeyboardInterrupt wherever the main thread is when SIGINT arrives; if that is inside a
+# __del__ or a garbage-collector callback, Python prints "Exception ignored in ..." and carries on, and the run
+# trains on (seen in tests as a rare hang). So the CLI's handler also records the request, and the trainer checks
+# it between phases: a lost KeyboardInterrupt is raised again within one phase.
+_stop_requested = False
+
+
+def request_stop(signum: int = 0, frame: object = None) -> None:
+    """SIGINT handler: remember the request, then raise KeyboardInterrupt as Python's default handler does."""
+    global _stop_requested
+    _stop_requested = True
+    raise KeyboardInterrupt
+
+
+def install_stop_handler():
+    """Clears any earlier request and makes `request_stop` the SIGINT handler; returns the previous handler."""
+    global _stop_requested
+    _stop_requested = False
+    return signal.signal(signal.SIGINT, request_stop)
+
+
+def raise_if_stop_requested() -> None:
+    """KeyboardInterrupt if Ctrl-C was pressed (`request_stop`) and its first KeyboardInterrupt was swallowed."""
+    if _stop_requested:
+        raise KeyboardInterrupt
+

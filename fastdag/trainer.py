@@ -23,6 +23,7 @@ from fastdag.config import Config, ConfigError, config_to_dict, save_config
 from fastdag.divergence import DivergenceGuard
 from fastdag.distributed import World
 from fastdag.engine import build_engine, check_engine
+from fastdag.errors import raise_if_stop_requested
 from fastdag.evaluation import Evaluation, Evaluator, write_report
 from fastdag.flow import FlowNetwork
 from fastdag.models import build_model, ddim_step_schedule, resolve_device, step_weights
@@ -396,6 +397,7 @@ class Trainer:
     @staticmethod
     def _in_epoch(epoch: int, phase: str, fn, *args):
         """``fn(*args)``, a reward's failure named with the epoch and phase it happened in."""
+        raise_if_stop_requested()
         try:
             return fn(*args)
         except RewardError as e:

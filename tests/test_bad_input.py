@@ -501,3 +501,24 @@ def test_single_process_deepspeed_listens_on_loopback_only(tmp_path, monkeypatch
         shutdown()
     loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1
     assert all(a in loopback for a in addresses), addresses
+
+
+def test_a_swallowed_ctrl_c_still_stops_the_run():
+    """Python drops a KeyboardInterrupt raised inside a __del__ or a GC callback; the handler also records the
+    request, and the trainer raises it again between phases."""
+    import fastdag.errors as errors
+
+    previous = errors.install_stop_handler()
+    try:
+        try:
+            errors.request_stop()
+        except KeyboardInterrupt:
+            pass  # as if swallowed
+        from fastdag.trainer import Trainer
+
+        with pytest.raises(KeyboardInterrupt):
+            Trainer._in_epoch(0, "rollout", lambda: None)  # the next phase of the run
+        errors.install_stop_handler()  # a new run starts clean
+        errors.raise_if_stop_requested()
+    finally:
+        signal.signal(signal.SIGINT, previous)
