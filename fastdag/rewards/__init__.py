@@ -100,7 +100,7 @@ def _shapes_alignment(**kwargs: Any) -> RewardFn:
 
 @register_reward("shapes_aesthetic")
 def _shapes_aesthetic(**kwargs: Any) -> RewardFn:
-    """The shapes world's aesthetic task: a taste over unstated attributes (large shapes on white), the stated
+    """The shapes world's aesthetic task: a taste over unstated attributes (a white background), the stated
     attributes and realism, as log-probabilities (fastdag.toy)."""
     from fastdag.toy.reward import ShapesAestheticReward
 
