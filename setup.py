@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["fastdag", "fastdag.*", "kernels", "kernels.*", "benchmarks", "benchmarks.*"]),
+    packages=find_packages(include=["fastdag", "fastdag.*"]),
     package_data={"fastdag": ["assets/*", "assets/**/*"]},
     # Ranges are the versions tested; torch is installed first from its own wheel (see README).
     install_requires=[

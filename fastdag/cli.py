@@ -225,6 +225,12 @@ def toy_main(argv: list[str]) -> int:
     return pretrain_main(argv[1:]) or 0
 
 
+def bench_main(argv: list[str]) -> int:
+    from fastdag.bench.__main__ import main as bench
+
+    return bench(argv)
+
+
 COMMANDS = {
     "train": (train_main, "align a diffusion model (fastdag train --help lists every config field)"),
     "profile": (profile_main, "time one epoch of a config by phase: fastdag profile --config X [key=value ...]"),
@@ -232,6 +238,7 @@ COMMANDS = {
     "prompts": (prompts_main, "list the named prompt sets"),
     "evaluate": (evaluate_main, "held-out evaluation of a run or checkpoint: fastdag evaluate RUN_DIR [key=value]"),
     "serve-reward": (serve_reward_main, "serve a reward over HTTP for reward.name=remote: fastdag serve-reward NAME"),
+    "bench": (bench_main, "the benchmark suite: fastdag bench tiny|sd15|kernels|gpu-check|... (--help)"),
     "toy": (toy_main, "the embedded default's recipes: fastdag toy pretrain --out DIR"),
 }
 

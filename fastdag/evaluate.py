@@ -52,7 +52,7 @@ def sample_checkpoint(target: str, overrides: list[str], base: bool = False):
 
     import torch
 
-    import kernels
+    from fastdag import kernels
     from fastdag.evaluation import Evaluator
     from fastdag.models import build_model, load_lora_into
     from fastdag.rewards import CheckedReward, build_reward

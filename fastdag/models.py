@@ -97,7 +97,7 @@ def ddim_scheduler_from(scheduler):
 def step_settings(config) -> tuple[str, Optional[float]]:
     """(prediction_type, clip range or None) of a DDIM scheduler config; settings the step math does not implement
     are a one-line ConfigError (checked when the model loads, before anything is sampled)."""
-    from kernels.ddim_step import PREDICTION_TYPES
+    from fastdag.kernels.ddim_step import PREDICTION_TYPES
 
     prediction_type = config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:
@@ -134,7 +134,7 @@ class StepSchedule:
         a, ap = self.alpha_t, self.alpha_prev
         sigma = eta * ((1 - ap) / (1 - a)).sqrt() * (1 - a / ap).sqrt()
         direction = (1 - ap - sigma**2).clamp_min(0).sqrt()
-        # ∂x̂_0/∂o and ∂ε̂/∂o of kernels.ddim_step.predict_x0_eps; μ = √ᾱ_{t−1} x̂_0 + direction · ε̂
+        # ∂x̂_0/∂o and ∂ε̂/∂o of fastdag.kernels.ddim_step.predict_x0_eps; μ = √ᾱ_{t−1} x̂_0 + direction · ε̂
         d_x0, d_eps = {
             "epsilon": (-(1 - a).sqrt() / a.sqrt(), torch.ones_like(a)),
             "v_prediction": (-(1 - a).sqrt(), a.sqrt()),
@@ -207,7 +207,7 @@ class DiffusionModel:
 
     @property
     def step_kwargs(self) -> dict:
-        """The scheduler settings every DDIM step of this model needs (``kernels.ddim_step``'s keyword args)."""
+        """The scheduler settings every DDIM step of this model needs (``fastdag.kernels.ddim_step``'s keyword args)."""
         return {"prediction_type": self.prediction_type, "clip_sample_range": self.clip_sample_range}
 
     @property

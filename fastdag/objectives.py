@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-import kernels
+from fastdag import kernels
 from fastdag.config import DagConfig
 
 Metrics = dict[str, torch.Tensor]

@@ -21,7 +21,7 @@ import torch
 from fastdag.models import DiffusionModel, StepSchedule, log_once
 from fastdag.profiling import NULL_TIMER, PhaseTimer
 from fastdag.rewards import CheckedReward
-from kernels.ddim_step import DDIMStepOutput, predict_x0_eps
+from fastdag.kernels.ddim_step import DDIMStepOutput, predict_x0_eps
 
 log = logging.getLogger(__name__)
 

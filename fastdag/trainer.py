@@ -38,7 +38,7 @@ from fastdag.profiling import PhaseTimer
 from fastdag.tracking import build_tracker
 from fastdag.rollout import OverlappedScorer, Trajectories, rollout_batch, score_latents, score_rollout, xhat0
 from fastdag.state_io import save_state
-import kernels
+from fastdag import kernels
 
 log = logging.getLogger(__name__)
 

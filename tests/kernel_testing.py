@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.utils.deterministic
 
-from kernels._compat import HAS_TRITON, INTERPRETED
+from fastdag.kernels._compat import HAS_TRITON, INTERPRETED
 
 # In the interpreter the kernels run on CPU tensors; compiled kernels need CUDA tensors.
 DEVICE = "cpu" if INTERPRETED else "cuda"

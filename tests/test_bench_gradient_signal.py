@@ -1,10 +1,10 @@
-"""benchmarks.gradient_signal: the split-group estimate of signal vs noise in the DB policy gradient."""
+"""fastdag.bench.gradient_signal: the split-group estimate of signal vs noise in the DB policy gradient."""
 import math
 
 import pytest
 
-from benchmarks import gradient_signal
-from benchmarks.gradient_signal import trajectories_per_unit_snr
+from fastdag.bench import gradient_signal
+from fastdag.bench.gradient_signal import trajectories_per_unit_snr
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

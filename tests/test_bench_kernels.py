@@ -3,7 +3,7 @@ import csv
 
 import pytest
 
-from benchmarks import bench_kernels, harness
+from fastdag.bench import bench_kernels, harness
 
 
 def test_bench_kernels_cpu_tiny(tmp_path, capsys):
@@ -43,7 +43,7 @@ def test_time_fn_reports_ordered_quantiles():
 
 
 def test_bench_xhat_modes_runs_on_cpu(tmp_path):
-    from benchmarks import bench_xhat_modes
+    from fastdag.bench import bench_xhat_modes
 
     summary = bench_xhat_modes.main([
         "--epochs", "1", "--results", str(tmp_path / "epochs.csv"), "sample.num_steps=3", "sample.batch_size=4",

@@ -1,10 +1,10 @@
-"""python -m benchmarks sample-efficiency on the tiny preset: every algorithm and seed trains the same budget, is
+"""fastdag bench sample-efficiency on the tiny preset: every algorithm and seed trains the same budget, is
 evaluated at the same budgets (the base model at 0), and the chart and the summary come from the CSV."""
 import csv
 from collections import Counter
 from pathlib import Path
 
-from benchmarks.sample_efficiency import main
+from fastdag.bench.sample_efficiency import main
 
 REPO_CONFIG = "configs/tiny_random_compress.yaml"
 
@@ -39,7 +39,7 @@ def _row(algorithm, seed, trajectories, kind, metric, value):
 
 
 def test_reach_and_hacking_tables_from_rows():
-    from benchmarks.sample_efficiency import hacking_lines, reach_lines
+    from fastdag.bench.sample_efficiency import hacking_lines, reach_lines
 
     rows = []
     for seed in (0, 1):

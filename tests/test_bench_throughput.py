@@ -4,7 +4,7 @@ import csv
 import pytest
 import torch
 
-from benchmarks import harness, report, throughput
+from fastdag.bench import harness, report, throughput
 
 
 def test_suite_tiny_preset_writes_rows_chart_and_summary(tmp_path, capsys):
@@ -72,9 +72,9 @@ def test_report_draws_from_the_file_only(tmp_path):
 
 
 def test_benchmarks_entry_point_dispatches(capsys):
-    from benchmarks.__main__ import main
+    from fastdag.bench.__main__ import main
 
-    assert main(["--help"]) == 0 and "python -m benchmarks tiny" in capsys.readouterr().out
+    assert main(["--help"]) == 0 and "fastdag bench tiny" in capsys.readouterr().out
     assert main(["nope"]) == 2
 
 

@@ -4,7 +4,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from fastdag.models import ddim_step_schedule
-from kernels import db_residual_reference, ddim_step_reference
+from fastdag.kernels import db_residual_reference, ddim_step_reference
 
 
 def sd_scheduler(**kw) -> DDIMScheduler:

@@ -12,8 +12,8 @@ from diffusers import DDIMScheduler
 
 from fastdag.config import ConfigError, LoraConfig, ModelConfig
 from fastdag.models import build_model, ddim_step_schedule, step_settings
-from kernels import HAS_TRITON
-from kernels.ddim_step import PREDICTION_TYPES, ddim_step_reference, ddim_step_triton
+from fastdag.kernels import HAS_TRITON
+from fastdag.kernels.ddim_step import PREDICTION_TYPES, ddim_step_reference, ddim_step_triton
 
 CLIPS = [None, 1.0, 0.5]
 STEPS = [0, 6, 9]  # first, middle and last of 10 (the last uses final_alpha_cumprod)
@@ -124,7 +124,7 @@ def test_tiny_ddpm_rollout_at_eta0_equals_diffusers_sampling_loop():
     x_T = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(3))
     from functools import partial
 
-    import kernels
+    from fastdag import kernels
 
     ours = generate_images(model, schedule, ["", ""], guidance_scale=1.0, eta=0.0, uncond=None,
                            step_fn=partial(kernels.ddim_step, backend="reference", **model.step_kwargs), generator=gen)

@@ -1,4 +1,4 @@
-"""python -m benchmarks gpu-check on a CPU: the dry run prints the plan and sizes; the real run refuses in one line."""
+"""fastdag bench gpu-check on a CPU: the dry run prints the plan and sizes; the real run refuses in one line."""
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "benchmarks", "gpu-check", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "fastdag.bench", "gpu-check", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -38,7 +38,7 @@ def test_stage_protocol_on_the_cpu(capsys):
     (the torch engine: DeepSpeed's start alone takes a minute on this CPU)."""
     import json
 
-    from benchmarks.gpu_check import MARK, _epoch_stage, run_stage
+    from fastdag.bench.gpu_check import MARK, _epoch_stage, run_stage
 
     status, rows, _ = run_stage("install", "tiny", limit=300)
     assert status == "ok" and {r["metric"] for r in rows} >= {"have_diffusers", "have_deepspeed"}, rows

@@ -40,7 +40,7 @@ def compile_for_sm90(module, kernel, constexprs, ones=()):
     triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     print("compiled", kernel, constants)
 
-D, R = "kernels.ddim_step", "kernels.db_residual"
+D, R = "fastdag.kernels.ddim_step", "fastdag.kernels.db_residual"
 # PREDICTION: 0 epsilon, 1 v_prediction, 2 sample; each with and without the clip of x̂_0
 for prediction, clip in ((0, False), (1, True), (2, True)):
     step = {"PREDICTION": prediction, "CLIP": clip, "BLOCK_SIZE": 1024}

@@ -13,7 +13,7 @@ from kernel_testing import (  # noqa: E402
     requires_triton,
 )
 
-from kernels.db_residual import (  # noqa: E402
+from fastdag.kernels.db_residual import (  # noqa: E402
     db_loss_reference,
     db_loss_triton,
     db_residual_reference,

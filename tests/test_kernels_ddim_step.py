@@ -15,7 +15,7 @@ from kernel_testing import (  # noqa: E402
     requires_triton,
 )
 
-from kernels.ddim_step import REDUCTIONS, DDIMStepOutput, ddim_step_reference, ddim_step_triton  # noqa: E402
+from fastdag.kernels.ddim_step import REDUCTIONS, DDIMStepOutput, ddim_step_reference, ddim_step_triton  # noqa: E402
 
 pytestmark = requires_triton
 

@@ -1,4 +1,4 @@
-"""kernels.dispatch: backend resolution, routing, and a kernels package that imports without Triton."""
+"""fastdag.kernels.dispatch: backend resolution, routing, and a kernels package that imports without Triton."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -11,8 +11,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from kernel_testing import DEVICE, requires_triton  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels._compat import HAS_TRITON, INTERPRETED  # noqa: E402
+from fastdag import kernels  # noqa: E402
+from fastdag.kernels._compat import HAS_TRITON, INTERPRETED  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,8 @@ def test_kernels_import_without_triton():
     code = """
 import sys
 sys.modules["triton"] = None  # makes `import triton` raise ImportError
-import torch, kernels
+import torch
+from fastdag import kernels
 assert not kernels.HAS_TRITON
 x = torch.randn(2, 4)
 alphas = torch.tensor([0.3, 0.4]), torch.tensor([0.5, 0.6])
@@ -83,7 +84,7 @@ except ValueError as e:
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 def test_triton_on_cpu_needs_interpreter():
     code = """
-import kernels
+from fastdag import kernels
 try:
     kernels.resolve_backend("triton", "cpu")
 except ValueError as e:

@@ -4,7 +4,7 @@ import torch
 
 from fastdag.models import ddim_step_schedule, step_weights
 from fastdag.presets import sd15_ddim_scheduler
-from kernels.ddim_step import ddim_step_reference
+from fastdag.kernels.ddim_step import ddim_step_reference
 
 
 def schedule(num_steps=20):

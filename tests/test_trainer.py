@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.throughput import CountingReward
+from fastdag.bench.throughput import CountingReward
 from fastdag.config import load_config
 from fastdag.trainer import Trainer
 
@@ -138,7 +138,7 @@ def test_dag_db_raises_jpeg_compressibility(tmp_path):
 @pytest.mark.parametrize("algorithm", ["db", "kl"])
 def test_triton_backend_matches_reference_in_training(tmp_path, algorithm, monkeypatch):
     """A tiny-random epoch through the Triton kernels (interpreter on CPU) gives the reference's losses."""
-    import kernels.dispatch as dispatch
+    from fastdag.kernels import dispatch
 
     if not dispatch.HAS_TRITON:
         pytest.skip("triton is not installed")

@@ -1,7 +1,7 @@
 """Charts and Markdown summaries of the throughput suite, drawn from its results file only.
 
-    python -m benchmarks report                                   # latest run of each preset
-    python -m benchmarks report --results R.csv --chart C.png --summary S.md --run-id abc123
+    fastdag bench report                                   # latest run of each preset
+    fastdag bench report --results R.csv --chart C.png --summary S.md --run-id abc123
 
 The chart stacks each mode's rollout and update phases (seconds per epoch, from the profiled epoch); the summary
 tabulates rates, memory, MFU and the official / fastdag ratio per preset, with the machine and revision.
@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from benchmarks.throughput import DEFAULT_RESULTS
+from fastdag.bench.throughput import DEFAULT_RESULTS
 
 PathLike = Union[str, Path]
 
@@ -139,7 +139,7 @@ def summary(results: PathLike, path: Optional[PathLike] = None, run_id: Optional
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks report", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="fastdag bench report", description=__doc__.split("\n\n")[0])
     p.add_argument("--results", default=str(DEFAULT_RESULTS))
     p.add_argument("--chart", default=str(Path(DEFAULT_RESULTS).with_name("throughput.png")))
     p.add_argument("--summary", default=str(Path(DEFAULT_RESULTS).with_name("throughput.md")))

@@ -1,13 +1,13 @@
-"""``python -m benchmarks sample-efficiency``: algorithms compared at equal trajectory budgets.
+"""``fastdag bench sample-efficiency``: algorithms compared at equal trajectory budgets.
 
-    python -m benchmarks sample-efficiency --config configs/shapes_aesthetic.yaml \\
+    fastdag bench sample-efficiency --config configs/shapes_aesthetic.yaml \\
         --algorithms db kl ddpo grpo --seeds 0 1 2 --trajectories 3072 --evals 4 \\
         --set grpo:sample.group_size=4 --set ddpo:train.learning_rate=1e-3
 
 For each algorithm and seed, one run of the config with the same trajectory budget (``--trajectories``, rounded to
 whole epochs) and a checkpoint at every 1/``--evals`` of it; each checkpoint (and the base model, once per seed) is
 then evaluated afresh on the held-out prompts (``fastdag evaluate``: reward, the task's metric and, for the shapes
-world, the judge's figures). Rows go to ``benchmarks/results/sample_efficiency.csv`` (long format: one metric per
+world, the judge's figures). Rows go to ``docs/results/bench/sample_efficiency.csv`` (long format: one metric per
 row, with the git revision and hardware); the chart (reward vs trajectories, mean and spread over seeds) and the
 Markdown summary (the figures at each budget) are drawn from that CSV only (``--report-only`` redraws them).
 ``--set ALGO:key=value`` gives one algorithm its own settings (a learning rate from a sweep, GRPO's group size).
@@ -24,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from benchmarks import harness
+from fastdag.bench import harness
 
 RESULTS = harness.RESULTS_DIR / "sample_efficiency.csv"
 FIELDS = ("timestamp", "git_revision", "hardware", "run_id", "task", "algorithm", "seed", "trajectories", "kind",
@@ -237,7 +237,7 @@ HEADLINE = ("reward", "taste_rate", "realism", "stated_accuracy.all", "frechet_d
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks sample-efficiency", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="fastdag bench sample-efficiency", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="the task's config (its eval.prompts and eval.metric are used)")
     p.add_argument("--algorithms", nargs="+", default=["db", "kl", "ddpo", "grpo"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

@@ -9,7 +9,7 @@ DAG-KL (Eq. 14):
 
 ``log_flow_*`` are the full log-flows (F_φ plus the forward-looking β·r̂ term). Each PyTorch reference
 (``*_reference``, the single source of truth for the trainer, tests and benchmarks) has a Triton twin
-(``*_triton``) with the same signature; ``kernels.dispatch`` picks one. All of them compute in fp32.
+(``*_triton``) with the same signature; ``fastdag.kernels.dispatch`` picks one. All of them compute in fp32.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-from kernels._compat import require_triton, tl, triton
+from fastdag.kernels._compat import require_triton, tl, triton
 
 RLOO_EPS = 1e-8
 RLOO_NORMALISERS = ("official", "loo_std")

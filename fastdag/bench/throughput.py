@@ -1,7 +1,7 @@
 """Throughput suite: rollout and update rates, epoch time, memory, per-phase breakdown, MFU, official vs fastdag.
 
-    python -m benchmarks tiny                  # CPU: the tiny-random preset
-    python -m benchmarks sd15                  # GPU: SD 1.5's architecture (random weights), batch 8, 50 steps
+    fastdag bench tiny                  # CPU: the tiny-random preset
+    fastdag bench sd15                  # GPU: SD 1.5's architecture (random weights), batch 8, 50 steps
 
 For each mode (``fastdag``: the defaults; ``official``: the official code's cost — ``dag.xhat_rewards=recompute``,
 ``kernels.backend=reference``, no CUDA graphs, no overlap, one timestep per backward
@@ -11,8 +11,8 @@ modes are interleaved (A B A B ...) so drifting load hits them alike, with the d
 clock read. Then, per mode, one epoch under the :class:`~fastdag.profiling.PhaseTimer` (the phase breakdown) and
 one under ``FlopCounterMode`` (FLOPs; MFU = FLOPs / (median epoch seconds × measured matmul rate)). Alone: the
 UNet-only CFG forward rate (the rollout's ceiling) and, on CUDA, eager vs CUDA-graph rollouts at several batch
-sizes. Rows (one per metric, long format) go to ``benchmarks/results/throughput.csv``; the chart and the Markdown
-summary are drawn from that file (:mod:`benchmarks.report`).
+sizes. Rows (one per metric, long format) go to ``docs/results/bench/throughput.csv``; the chart and the Markdown
+summary are drawn from that file (:mod:`fastdag.bench.report`).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from benchmarks import harness
+from fastdag.bench import harness
 
 THROUGHPUT_FIELDS = (
     "timestamp", "git_revision", "hardware", "device", "torch_version", "triton_version", "run_id", "benchmark",
@@ -134,7 +134,7 @@ def rollout_batch_seconds(trainer, batch: int, cuda_graphs: bool, warmup: int, r
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="fastdag bench", description=__doc__.split("\n\n")[0])
     p.add_argument("preset", choices=sorted(PRESETS))
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per mode (after one warm-up epoch each)")
     p.add_argument("--modes", nargs="+", default=None,
@@ -273,7 +273,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
     _print_summary(summary, args.epochs)
     print(f"[benchmarks] appended {len(rows)} rows to {path} (run {run_id})")
     if args.chart or args.summary:
-        from benchmarks import report
+        from fastdag.bench import report
 
         if args.chart:
             print(f"[benchmarks] chart: {report.chart(args.results, args.chart, run_id=run_id)}")

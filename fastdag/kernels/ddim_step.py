@@ -27,7 +27,7 @@ A step whose σ is zero (η = 0, or ᾱ_{t−1} = ᾱ_t) is deterministic and ha
 as 0 with no gradient, and likewise ``log_pb`` where the backward variance is zero. Nothing becomes inf or NaN.
 
 This file holds the PyTorch reference (``ddim_step_reference``, the single source of truth) and its fused Triton
-twin (``ddim_step_triton``) with the same signature; ``kernels.dispatch.ddim_step`` picks one.
+twin (``ddim_step_triton``) with the same signature; ``fastdag.kernels.dispatch.ddim_step`` picks one.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from kernels._compat import require_triton, tl, triton
+from fastdag.kernels._compat import require_triton, tl, triton
 
 REDUCTIONS = ("mean", "sum")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")

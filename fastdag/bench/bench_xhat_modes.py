@@ -1,11 +1,11 @@
 """Seconds per epoch with x̂_0 rewards scored once per state (``rollout``) versus the official per-transition
 recompute (``recompute``), side by side in one process, on the same seeds.
 
-    python -m benchmarks.bench_xhat_modes --config configs/tiny_random_compress.yaml --epochs 3
+    python -m fastdag.bench.bench_xhat_modes --config configs/tiny_random_compress.yaml --epochs 3
 
 Epochs of the two modes are interleaved (A B A B ...) so drifting machine load hits both alike; the first epoch of
-each is a warm-up and not counted. Rows go to ``benchmarks/results/epochs.csv``. The throughput suite
-(``python -m benchmarks tiny|sd15``) compares the full official-cost mode (recompute, reference kernels, no CUDA
+each is a warm-up and not counted. Rows go to ``docs/results/bench/epochs.csv``. The throughput suite
+(``fastdag bench tiny|sd15``) compares the full official-cost mode (recompute, reference kernels, no CUDA
 graphs) with the defaults, with phase breakdowns; this script isolates the x̂_0 lever alone.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import statistics
 import time
 from typing import Optional, Sequence
 
-from benchmarks.harness import RESULTS_DIR, Timing, append_rows, environment, result_row
+from fastdag.bench.harness import RESULTS_DIR, Timing, append_rows, environment, result_row
 from fastdag.config import load_config
 from fastdag.trainer import Trainer
 

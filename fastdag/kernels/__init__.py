@@ -1,10 +1,10 @@
 """Step math shared by rollout, training, tests and benchmarks: each kernel beside its PyTorch reference.
 
-``kernels.dispatch`` (re-exported here) routes each call to the Triton kernel or the reference by backend and
+``fastdag.kernels.dispatch`` (re-exported here) routes each call to the Triton kernel or the reference by backend and
 device. Importing this package does not need Triton; only launching a Triton kernel does.
 """
-from kernels._compat import HAS_TRITON
-from kernels.db_residual import (
+from fastdag.kernels._compat import HAS_TRITON
+from fastdag.kernels.db_residual import (
     db_loss_reference,
     db_loss_triton,
     db_residual_reference,
@@ -12,8 +12,8 @@ from kernels.db_residual import (
     rloo_advantages_reference,
     rloo_advantages_triton,
 )
-from kernels.ddim_step import DDIMStepOutput, ddim_step_reference, ddim_step_triton
-from kernels.dispatch import BACKENDS, db_loss, db_residual, ddim_step, resolve_backend, rloo_advantages
+from fastdag.kernels.ddim_step import DDIMStepOutput, ddim_step_reference, ddim_step_triton
+from fastdag.kernels.dispatch import BACKENDS, db_loss, db_residual, ddim_step, resolve_backend, rloo_advantages
 
 __all__ = [
     "BACKENDS",

@@ -1,8 +1,8 @@
-"""``python -m benchmarks gpu-check``: everything that needs a GPU, in one command that fits a lent machine's lease.
+"""``fastdag bench gpu-check``: everything that needs a GPU, in one command that fits a lent machine's lease.
 
-    python -m benchmarks gpu-check --prepare-wheels     # on a CPU machine with PyPI: wheels the GPU image lacks
-    python -m benchmarks gpu-check --dry-run            # the plan and its sizes; needs no GPU
-    python -m benchmarks gpu-check                      # on one CUDA GPU, in at most ~8 minutes
+    fastdag bench gpu-check --prepare-wheels     # on a CPU machine with PyPI: wheels the GPU image lacks
+    fastdag bench gpu-check --dry-run            # the plan and its sizes; needs no GPU
+    fastdag bench gpu-check                      # on one CUDA GPU, in at most ~8 minutes
 
 Stages, each in its own subprocess with its own time limit, so one failure is recorded and the rest still run:
 
@@ -14,12 +14,12 @@ Stages, each in its own subprocess with its own time limit, so one failure is re
                ZeRO-2, one process: seconds, peak memory, finite losses, NVML telemetry
 ``attention``  rollout seconds with SDPA vs xformers (where its ops load; otherwise the reason)
 ``adamw8bit``  one epoch with bitsandbytes' 8-bit AdamW (where it imports)
-``throughput`` the throughput suite's sd15 rows (``python -m benchmarks sd15 --epochs 1``): fastdag vs
+``throughput`` the throughput suite's sd15 rows (``fastdag bench sd15 --epochs 1``): fastdag vs
                official-cost epochs, rollout vs UNet-only forward, MFU, CUDA graphs on vs off at batch 1, 2, 8
 =============  ====================================================================================================
 
-Rows append to ``benchmarks/results/gpu_check.csv`` (GPU, driver and versions in every row); a summary table goes
-to ``benchmarks/results/gpu_check.md``. Without CUDA (and without ``--dry-run``) it exits 2 with one line.
+Rows append to ``docs/results/bench/gpu_check.csv`` (GPU, driver and versions in every row); a summary table goes
+to ``docs/results/bench/gpu_check.md``. Without CUDA (and without ``--dry-run``) it exits 2 with one line.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from benchmarks import harness
+from fastdag.bench import harness
 
 RESULTS = harness.RESULTS_DIR / "gpu_check.csv"
 SUMMARY = harness.RESULTS_DIR / "gpu_check.md"
@@ -96,7 +96,7 @@ def _epoch_stage(preset: str, extra: list[str]) -> None:
 
 
 def _attention_stage(preset: str) -> None:
-    from benchmarks.throughput import rollout_batch_seconds
+    from fastdag.bench.throughput import rollout_batch_seconds
     from fastdag.config import load_config
     from fastdag.trainer import Trainer
 
@@ -132,7 +132,7 @@ def _kernels_stage() -> None:
 
 
 def _throughput_stage(preset: str) -> None:
-    from benchmarks import throughput
+    from fastdag.bench import throughput
 
     summary = throughput.main([preset, "--epochs", "1", "--repeat", "2", "--graph-batches", "1", "8",
                                "--results", str(harness.RESULTS_DIR / "throughput.csv")])
@@ -210,7 +210,7 @@ def run_stage(name: str, preset: str, limit: Optional[int] = None) -> tuple[str,
     limit = limit or STAGES[name][1]
     t0 = time.perf_counter()
     try:
-        res = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--stage", name, "--preset", preset],
+        res = subprocess.run([sys.executable, "-m", "fastdag.bench.gpu_check", "--stage", name, "--preset", preset],
                              cwd=harness.REPO_ROOT, capture_output=True, text=True, timeout=limit)
         out, code = res.stdout, res.returncode
         err = (res.stderr.strip().splitlines() or [""])[-1]
@@ -278,7 +278,7 @@ def prepare_wheels(optional: bool) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks gpu-check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="fastdag bench gpu-check", description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="print the plan and its sizes; needs no GPU")
     p.add_argument("--prepare-wheels", action="store_true", help="fill .whl/ with the wheels the GPU image lacks")
     p.add_argument("--with-bitsandbytes", action="store_true", help="--prepare-wheels: bitsandbytes too (43 MB)")

@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RESULTS_DIR = REPO_ROOT / "docs" / "results" / "bench"
 
 RESULT_FIELDS = (
     "timestamp",

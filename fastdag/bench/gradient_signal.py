@@ -1,4 +1,4 @@
-"""How much signal is in one epoch's policy gradient? ``python -m benchmarks gradient-signal [...]``.
+"""How much signal is in one epoch's policy gradient? ``fastdag bench gradient-signal [...]``.
 
 A black-box policy gradient is an average of per-transition terms 2·δ·∇_θ log p_θ(x_{t-1} | x_t) (the LoRA part of
 the DB loss's gradient). Split an epoch's trajectories into K groups, sum each group's gradient, and compare the
@@ -10,7 +10,7 @@ dominates, they are orthogonal (cosine near 0). With n trajectories per group an
 so about n (1 − c) / c trajectories make one optimizer step whose gradient is as much signal as noise.
 Also reported: each denoising step's share of the squared gradient norm (which steps drive the update).
 
-    python -m benchmarks gradient-signal --config configs/shapes_align.yaml --trajectories 64 --threads 2
+    fastdag bench gradient-signal --config configs/shapes_align.yaml --trajectories 64 --threads 2
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from typing import Optional, Sequence
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from fastdag.bench import harness
+
+RESULTS = harness.RESULTS_DIR
 WEIGHTINGS = ("uniform", "score_scale")
 
 
@@ -86,7 +88,7 @@ def markdown(result: dict) -> str:
     lines = [
         "# Signal in one epoch's DAG-DB policy gradient",
         "",
-        f"`python -m benchmarks gradient-signal --config {result['config']} --trajectories {result['trajectories']} "
+        f"`fastdag bench gradient-signal --config {result['config']} --trajectories {result['trajectories']} "
         f"--groups {result['groups']}` {' '.join(result['overrides'])}".rstrip(),
         "",
         f"{result['trajectories']} trajectories of {result['steps']} steps at β = {result['beta']:g} (mean reward "
@@ -111,7 +113,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks gradient-signal", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="fastdag bench gradient-signal", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/shapes_align.yaml")
     p.add_argument("--trajectories", type=int, default=64)
     p.add_argument("--groups", type=int, default=4)

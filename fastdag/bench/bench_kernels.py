@@ -1,14 +1,14 @@
 """Kernel benchmark: the fused DDIM step (scoring mode) against its PyTorch reference, eager and compiled.
 
-    python -m benchmarks.bench_kernels                       # SD-1.5 latents: B in 8 16 32, 4×64×64, bf16
-    python -m benchmarks.bench_kernels --backward            # forward + backward rows as well
-    python -m benchmarks.bench_kernels --batch-sizes 2 --no-compile   # a quick CPU run
+    python -m fastdag.bench.bench_kernels                       # SD-1.5 latents: B in 8 16 32, 4×64×64, bf16
+    python -m fastdag.bench.bench_kernels --backward            # forward + backward rows as well
+    python -m fastdag.bench.bench_kernels --batch-sizes 2 --no-compile   # a quick CPU run
 
 Providers: ``reference`` (``ddim_step_reference`` eager), ``reference_compile`` (the same under torch.compile)
 and ``triton`` (``ddim_step_triton``; CUDA only: on a CPU it is skipped with a message). Each row reports the
 median time with its 20–80 % spread, the effective bandwidth of the fused kernel's minimal traffic (see
 :func:`ddim_step_bytes`; the same byte count for every provider, so GB/s compares like with like) and its
-fraction of the device's measured copy bandwidth. Rows are appended to ``benchmarks/results/kernels.csv``.
+fraction of the device's measured copy bandwidth. Rows are appended to ``docs/results/bench/kernels.csv``.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from benchmarks import harness
-from kernels._compat import HAS_TRITON
-from kernels.ddim_step import ddim_step_reference, ddim_step_triton
+from fastdag.bench import harness
+from fastdag.kernels._compat import HAS_TRITON
+from fastdag.kernels.ddim_step import ddim_step_reference, ddim_step_triton
 
 BENCHMARK = "ddim_step"
 DEFAULT_RESULTS = harness.RESULTS_DIR / "kernels.csv"

@@ -14,8 +14,8 @@ from typing import Literal, Optional, Union
 
 import torch
 
-from kernels._compat import HAS_TRITON, INTERPRETED
-from kernels.db_residual import (
+from fastdag.kernels._compat import HAS_TRITON, INTERPRETED
+from fastdag.kernels.db_residual import (
     db_loss_reference,
     db_loss_triton,
     db_residual_reference,
@@ -23,7 +23,7 @@ from kernels.db_residual import (
     rloo_advantages_reference,
     rloo_advantages_triton,
 )
-from kernels.ddim_step import DDIMStepOutput, ddim_step_reference, ddim_step_triton
+from fastdag.kernels.ddim_step import DDIMStepOutput, ddim_step_reference, ddim_step_triton
 
 BACKENDS = ("auto", "triton", "reference")
 Backend = Literal["auto", "triton", "reference"]
@@ -61,7 +61,7 @@ def ddim_step(
     clip_sample_range: Optional[float] = None,
     backend: Backend = "auto",
 ) -> DDIMStepOutput:
-    """:func:`kernels.ddim_step.ddim_step_reference` or its Triton twin, chosen by ``backend`` for x_t's device."""
+    """:func:`fastdag.kernels.ddim_step.ddim_step_reference` or its Triton twin, chosen by ``backend`` for x_t's device."""
     fn = ddim_step_triton if resolve_backend(backend, x_t.device) == "triton" else ddim_step_reference
     return fn(eps, x_t, alpha_t, alpha_prev, eta, x_prev=x_prev, noise=noise, reduce=reduce,
               prediction_type=prediction_type, clip_sample_range=clip_sample_range)
@@ -74,7 +74,7 @@ def db_residual(
     log_pb: torch.Tensor,
     backend: Backend = "auto",
 ) -> torch.Tensor:
-    """:func:`kernels.db_residual.db_residual_reference` or its Triton twin: δ [B] fp32."""
+    """:func:`fastdag.kernels.db_residual.db_residual_reference` or its Triton twin: δ [B] fp32."""
     fn = db_residual_triton if resolve_backend(backend, log_flow_t.device) == "triton" else db_residual_reference
     return fn(log_flow_t, log_flow_prev, log_pf, log_pb)
 
@@ -86,12 +86,12 @@ def db_loss(
     log_pb: torch.Tensor,
     backend: Backend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`kernels.db_residual.db_loss_reference` or its Triton twin: (δ [B] fp32, mean(δ²))."""
+    """:func:`fastdag.kernels.db_residual.db_loss_reference` or its Triton twin: (δ [B] fp32, mean(δ²))."""
     fn = db_loss_triton if resolve_backend(backend, log_flow_t.device) == "triton" else db_loss_reference
     return fn(log_flow_t, log_flow_prev, log_pf, log_pb)
 
 
 def rloo_advantages(a: torch.Tensor, adv_clip: float, backend: Backend = "auto", normaliser: str = "official") -> torch.Tensor:
-    """:func:`kernels.db_residual.rloo_advantages_reference` or its Triton twin: A [B] fp32, no gradient."""
+    """:func:`fastdag.kernels.db_residual.rloo_advantages_reference` or its Triton twin: A [B] fp32, no gradient."""
     fn = rloo_advantages_triton if resolve_backend(backend, a.device) == "triton" else rloo_advantages_reference
     return fn(a, adv_clip, normaliser)

@@ -1,1 +1,0 @@
-"""fastdag benchmarks: one harness (``benchmarks.harness``), results appended to ``benchmarks/results/*.csv``."""

@@ -1,0 +1,1 @@
+"""fastdag benchmarks: one harness (``fastdag.bench.harness``), results appended to ``docs/results/bench/*.csv``."""
