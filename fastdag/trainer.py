@@ -41,6 +41,8 @@ from fastdag.state_io import save_state
 from fastdag import kernels
 
 log = logging.getLogger(__name__)
+# Warn once when the first micro-step's recomputed log p_F is this far from the rollout's (metrics.jsonl has it).
+LOGP_MISMATCH_WARN = 1e-3
 
 
 def _fmt(scores: dict[str, float]) -> str:
@@ -104,6 +106,8 @@ class Trainer:
         self.beta_horizon = cfg.train.epochs
         self.rows: list[dict[str, Any]] = []  # the metrics rows so far (checkpointed)
         self.guard = DivergenceGuard(skip=cfg.train.on_non_finite == "skip")
+        self._first_mismatch: Optional[torch.Tensor] = None  # [mean, max] |recomputed − recorded log p_F|
+        self._warned_mismatch = False
         self._plan: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
         self._epoch_prompts: list[str] = []  # the epoch's prompts over all processes, in global trajectory order
         # DDPO's per-prompt reward buffers persist across epochs (checkpointed)
@@ -253,6 +257,11 @@ class Trainer:
                          advantages: Optional[torch.Tensor], groups: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         terms = self.transition_terms(trajs, idx, steps, beta, advantages)
         terms.groups = groups
+        if self._first_mismatch is None:
+            # Before the epoch's first optimizer step the policy is the rollout's: the recomputed log p_F must
+            # equal the recorded one, or every ratio (and DAG-KL's clip) starts off 1. Kept as tensors: no sync.
+            diff = (terms.log_pf.detach().float() - terms.log_pf_old.float()).abs()
+            self._first_mismatch = torch.stack([diff.mean(), diff.max()])
         with self.timer.phase("step"):
             return self.objective(terms)
 
@@ -288,6 +297,7 @@ class Trainer:
         micro_steps = len(plan) * (n // self.shard.train_batch) * (self.num_train_steps // chunk)
         updates, total_updates = 0, micro_steps // self.shard.micro_steps_per_update
         self.guard.skipped = 0
+        self._first_mismatch = None
         for order, step_order in plan:
             # Drawn on the host for reproducibility, moved to the device once per pass.
             order, step_order = order.to(self.device), step_order.to(self.device)  # [N], [N, T_train]
@@ -321,6 +331,15 @@ class Trainer:
             means = distributed.mean_over_ranks(torch.stack([sums[k] / count for k in keys]).float())
             out = dict(zip(keys, means.tolist()))
         out["grad_norm"] = float(self.engine.grad_norm)
+        if self._first_mismatch is not None:  # the processes' means of their first micro-step's mean and max
+            out["logp_mismatch_mean"], out["logp_mismatch_max"] = \
+                distributed.mean_over_ranks(self._first_mismatch.float()).tolist()
+            if out["logp_mismatch_max"] > LOGP_MISMATCH_WARN and not self._warned_mismatch:
+                self._warned_mismatch = True
+                log.warning("the update's recomputed log p_F differs from the rollout's by up to %.2g before the "
+                            "first optimizer step (logp_mismatch_max, warned once): the two passes do not compute "
+                            "the same thing (dtype, batch-dependent kernels, dropout), so ratios start off 1",
+                            out["logp_mismatch_max"])
         for name, norm in (self.engine.clipper.norms if self.engine.clipper else {}).items():  # pre-clip, per group
             out[f"grad_norm_{name}"] = float(norm)
         if self.guard.skip:

@@ -182,7 +182,9 @@ def test_two_processes_match_one(tmp_path, two_process_run, launcher, overrides)
     assert moved > 5 * WEIGHT_ATOL, "training barely moved the LoRA: the comparison would prove nothing"
     for r1, r2 in zip(_rows(tmp_path / "one"), _rows(two), strict=True):
         for key in r1:
-            if not key.endswith("_seconds"):
+            if key.startswith("logp_mismatch"):  # rounding-level differences by construction: bounded, not equal
+                assert r1[key] <= 1e-5 and r2[key] <= 1e-5, key
+            elif not key.endswith("_seconds"):
                 assert r2[key] == pytest.approx(r1[key], rel=METRIC_RTOL, abs=1e-7), key
 
 

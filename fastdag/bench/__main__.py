@@ -6,6 +6,7 @@
     fastdag bench kernels [...]                         # fastdag.bench.bench_kernels
     fastdag bench xhat-modes [...]                      # fastdag.bench.bench_xhat_modes
     fastdag bench gradient-signal [...]                 # signal vs noise in one epoch's DB gradient
+    fastdag bench precision [...]                       # bf16 vs fp32 terms and gradients, same trajectories
     fastdag bench gpu-check [--dry-run | --prepare-wheels]  # everything that needs a GPU, one command
     fastdag bench sample-efficiency --config C [...]    # algorithms at equal trajectory budgets
 """
@@ -50,6 +51,10 @@ def main(argv=None) -> int:
         from fastdag.bench import gpu_check
 
         return gpu_check.main(rest)
+    elif command == "precision":
+        from fastdag.bench import precision
+
+        return precision.main(rest)
     elif command == "gradient-signal":
         from fastdag.bench import gradient_signal
 
