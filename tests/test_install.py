@@ -147,3 +147,25 @@ def test_the_lock_check_names_a_drifted_package(tmp_path):
     assert res.returncode == 1 and res.stdout == ""
     assert len(res.stderr.strip().splitlines()) == 1
     assert f"transformers {version} (lock 0.0.1)" in res.stderr and "not-installed-pkg missing" in res.stderr
+
+
+def test_the_gpu_lock_carries_the_versions_the_cpu_suite_tested():
+    """requirements-gpu.lock: exact pins; where requirements.lock has the package, the same version; inside setup.py's
+    ranges (install_requires and the gpu extra) where those name it."""
+    from fastdag.bench.gpu_check import carried_pins
+
+    pins = {re.sub(r"[-_.]+", "-", p.split("==")[0]).lower(): p.split("==")[1] for p in carried_pins(optional=True)}
+    assert {"diffusers", "peft", "deepspeed", "bitsandbytes"} <= set(pins)
+    assert "bitsandbytes" not in {p.split("==")[0] for p in carried_pins(optional=False)}
+    cpu = _lock()
+    for name, version in pins.items():
+        assert re.fullmatch(r"[0-9][0-9A-Za-z.]*", version), f"{name}: {version} is not an exact version"
+        if name in cpu:
+            assert version == cpu[name], f"requirements-gpu.lock pins {name}=={version}, requirements.lock {cpu[name]}"
+    kw = _setup_call()
+    ranges = ast.literal_eval(kw["install_requires"]) + ast.literal_eval(kw["extras_require"])["gpu"]
+    for text in ranges:
+        req = Requirement(text)
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        if name in pins:
+            assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} outside {req.specifier}"

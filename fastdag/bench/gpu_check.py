@@ -42,12 +42,20 @@ FIELDS = ("timestamp", "git_revision", "hardware", "driver", "torch_version", "t
           "deepspeed_version", "run_id", "stage", "status", "metric", "value", "unit", "note")
 MARK = "GPU_CHECK_RESULT "
 BUDGET_SECONDS = 480  # the whole check, end to end (a lent machine's lease is 15 minutes, start-up included)
-# What the GPU image lacks (DESIGN.md §6; the device tool's KINDS.md lists what it has), with the requirements of
-# these that it lacks too; fetched or built by --prepare-wheels, installed with --no-deps before the stages run.
-CARRIED = ["diffusers>=0.42,<0.43", "deepspeed>=0.19,<0.20", "hjson", "importlib_metadata", "pydantic>=2,<3",
-           "pydantic-core", "annotated-types", "typing-inspection"]
-# 43 MB: with the rest and the repository it passes the 64 MiB a device call carries, so only on request
-OPTIONAL = ["bitsandbytes>=0.50,<0.51"]
+# What the GPU image lacks (DESIGN.md §6), at exact versions: fetched or built by --prepare-wheels, installed with
+# --no-deps before the stages run.
+GPU_LOCK = harness.REPO_ROOT / "requirements-gpu.lock"
+
+
+def carried_pins(optional: bool = False, lock: Path = GPU_LOCK) -> list[str]:
+    """The ``name==version`` lines of the GPU lock; those marked ``# optional`` only when asked for."""
+    pins = []
+    for raw in lock.read_text().splitlines():
+        line, _, comment = raw.partition("#")
+        if line.strip() and (optional or not comment.strip().startswith("optional")):
+            pins.append(line.strip())
+    return pins
+
 IMPORTS = ("diffusers", "deepspeed", "bitsandbytes", "pynvml")
 SITE = Path(tempfile.gettempdir()) / "fastdag-gpu-check-site"
 
@@ -265,7 +273,7 @@ def prepare_wheels(optional: bool) -> int:
     WHEELS.mkdir(exist_ok=True)
     platforms = [a for tag in ("manylinux_2_28", "manylinux_2_24", "manylinux_2_17", "manylinux2014")
                  for a in ("--platform", f"{tag}_x86_64")]
-    for requirement in CARRIED + (OPTIONAL if optional else []):
+    for requirement in carried_pins(optional):
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(WHEELS), "--only-binary=:all:",
                "--python-version", "3.12", "--implementation", "cp", *platforms, requirement]
         if subprocess.run(cmd).returncode != 0:  # sdist-only packages (deepspeed): a pure-Python wheel built here
