@@ -58,8 +58,20 @@ def _check_train_ranges(t: "TrainConfig") -> None:
 class ModelConfig:
     pretrained: str = _f(
         "tiny-random",
-        "Base model: a preset (tiny-random, tiny-random-ddpm, sd15-random), a local diffusers pipeline directory "
-        "(StableDiffusionPipeline or DDPMPipeline) or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5.",
+        "Base model: a preset (tiny-random, tiny-random-ddpm, tiny-random-sdxl, tiny-random-sd3, tiny-random-flux, "
+        "sd15-random, sd35-medium-random, flux-dev-random), a local diffusers pipeline directory or a hub id such as "
+        "stabilityai/stable-diffusion-3.5-medium. The model family (sd, sdxl, sd3, flux, ddpm) follows from the "
+        "pipeline's class: StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux or DDPM Pipeline.",
+    )
+    resolution: Optional[int] = _f(
+        None,
+        "Image height and width in pixels (None: the model's native size, e.g. 512 for SD 1.5, 1024 for SDXL, SD3.5 "
+        "and FLUX). Flow-GRPO trains SD3.5 Medium and FLUX at 512.",
+    )
+    offload_text_encoders: bool = _f(
+        False,
+        "Encode the training, evaluation and negative prompts once at start, then move the text encoders to the CPU "
+        "(T5-XXL alone is 9 GB in bf16). Prompt embeddings are cached per prompt either way.",
     )
     revision: Optional[str] = _f(None, "Hub revision of the base model.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
@@ -82,6 +94,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(self.pretrained.strip() != "", "model.pretrained", "is empty; give a preset, a directory or a hub id")
+        _check(self.resolution is None or self.resolution >= 1, "model.resolution",
+               f"must be a positive number of pixels (or null), got {self.resolution}")
         _check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None, "model.device",
                f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
 
@@ -90,7 +104,11 @@ class ModelConfig:
 class LoraConfig:
     rank: int = _f(4, "LoRA rank (official config: 4).")
     alpha: Optional[float] = _f(None, "LoRA alpha; None = rank (scale 1), as the official code.")
-    target_modules: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA layers.")
+    target_modules: Optional[list[str]] = _f(
+        None,
+        "Denoiser modules that get LoRA layers; None = the family's: to_q/to_k/to_v/to_out.0 for the UNets (the "
+        "official config), Flow-GRPO's eight attention projections of both streams for SD3 and FLUX.",
+    )
     init: Literal["gaussian", "default", "zeros"] = _f(
         "gaussian", "LoRA init: gaussian (peft's gaussian A, zero B), default (kaiming A, zero B)."
     )
@@ -98,13 +116,24 @@ class LoraConfig:
     def __post_init__(self) -> None:
         _check(self.rank > 0, "lora.rank", f"must be a positive integer, got {self.rank}")
         _check(self.alpha is None or self.alpha > 0, "lora.alpha", f"must be > 0 (or null), got {self.alpha}")
-        _check(len(self.target_modules) > 0, "lora.target_modules", "must name at least one module")
+        _check(self.target_modules is None or len(self.target_modules) > 0, "lora.target_modules",
+               "must name at least one module (or null for the family's)")
 
 
 @dataclass
 class SampleConfig:
-    num_steps: int = _f(50, "DDIM steps T per trajectory (paper: 50).")
-    eta: float = _f(1.0, "DDIM eta (paper: 1, the DDPM variance; 0 makes every step deterministic).")
+    num_steps: int = _f(50, "Sampler steps T per trajectory (paper: 50 DDIM steps; Flow-GRPO: 10 flow steps).")
+    eta: float = _f(1.0, "DDIM eta of the UNet families (paper: 1, the DDPM variance; 0 makes every step deterministic).")
+    noise_level: float = _f(
+        0.7,
+        "Flow-matching families (SD3, FLUX): the SDE noise level a (Flow-GRPO: 0.7); 0 is the deterministic Euler "
+        "step of the model's own scheduler.",
+    )
+    sde_type: Literal["sde", "cps"] = _f(
+        "sde",
+        "Flow-matching families: sde (Flow-GRPO's SDE, sigma_t = a*sqrt(sigma/(1-sigma))) or cps "
+        "(coefficients-preserving sampling, std = sigma' * sin(a*pi/2): less noisy samples).",
+    )
     guidance_scale: float = _f(5.0, "Classifier-free guidance weight w (paper: 5); 1 disables CFG.")
     batch_size: int = _f(
         8, "Trajectories per rollout batch, over all processes (each of N processes denoises batch_size / N)."
@@ -126,6 +155,7 @@ class SampleConfig:
         _check(self.num_steps >= 1, "sample.num_steps", f"must be >= 1, got {self.num_steps}")
         # eta > 1 makes σ_t exceed the DDIM bound: √(1 − ᾱ_{t−1} − σ_t²) is then imaginary (NaN)
         _check(0 <= self.eta <= 1, "sample.eta", f"must be in [0, 1], got {self.eta}")
+        _check(0 <= self.noise_level <= 1, "sample.noise_level", f"must be in [0, 1], got {self.noise_level}")
         _check(self.guidance_scale >= 0, "sample.guidance_scale", f"must be >= 0, got {self.guidance_scale}")
         _check(self.batch_size >= 1, "sample.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.num_batches_per_epoch >= 1, "sample.num_batches_per_epoch", "must be >= 1")
@@ -359,7 +389,9 @@ class EvalConfig:
     samples_per_prompt: int = _f(4, "Images per evaluation prompt.")
     num_steps: Optional[int] = _f(None, "DDIM steps for evaluation; None = sample.num_steps.")
     guidance_scale: Optional[float] = _f(None, "CFG weight for evaluation; None = sample.guidance_scale.")
-    eta: Optional[float] = _f(None, "DDIM eta for evaluation; None = sample.eta.")
+    eta: Optional[float] = _f(
+        None, "DDIM eta (or the flow families' noise level) for evaluation; None = sample.eta (sample.noise_level)."
+    )
     seed: int = _f(1234, "Seed of the evaluation noise: before and after use the same seeds.")
     grid_prompts: int = _f(8, "Prompts shown in the report's before/after grids.")
 

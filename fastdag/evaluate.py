@@ -48,13 +48,10 @@ def evaluate(target: str, overrides: list[str], base: bool = False) -> dict[str,
 def sample_checkpoint(target: str, overrides: list[str], base: bool = False):
     """The run's config (with `overrides`), run directory, checkpoint and the `Evaluation` of its held-out
     prompts (images, prompts, scores): what `evaluate` reports and what `fastdag.toy.hacked_bank` collects."""
-    import functools
-
     import torch
 
-    from fastdag import kernels
     from fastdag.evaluation import Evaluator
-    from fastdag.models import build_model, load_lora_into
+    from fastdag.families import build_model, load_lora_into
     from fastdag.rewards import CheckedReward, build_reward
 
     run_dir, checkpoint = resolve(target)
@@ -66,9 +63,8 @@ def sample_checkpoint(target: str, overrides: list[str], base: bool = False):
     if not base:
         load_lora_into(model, checkpoint)
     reward = CheckedReward(cfg.reward.name, build_reward(cfg.reward.name, cfg.reward.kwargs), cfg.reward.batch_size)
-    step = functools.partial(kernels.ddim_step, backend=cfg.kernels.backend, **model.step_kwargs)
-    uncond = model.encode_prompts([cfg.sample.negative_prompt]) if model.conditional else None
-    return cfg, run_dir, checkpoint, Evaluator(cfg, model, reward, step, uncond)()
+    uncond = model.encode_negative(cfg.sample.negative_prompt) if model.conditional else None
+    return cfg, run_dir, checkpoint, Evaluator(cfg, model, reward, uncond)()
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -206,7 +206,7 @@ def build_cases(root: Path, trained: Path) -> list[Case]:
         "model.pretrained: could not load 'someone/not-a-model'", env={"HF_HUB_OFFLINE": "1"},
         absent=("stacktrace", "stack trace", "Will try"))
     pipe_dir = root / "pipeline"
-    from fastdag.presets import tiny_text_to_image_pipeline
+    from fastdag.families.presets import tiny_text_to_image_pipeline
 
     tiny_text_to_image_pipeline().save_pretrained(pipe_dir)
     add("no-progress-bars", train_argv(root, "quiet", f"model.pretrained={pipe_dir}", "train.epochs=1"), rc=0,

@@ -196,7 +196,7 @@ def plan(preset: str, stages: Sequence[str]) -> list[str]:
              f"{cfg.trajectories_per_epoch} trajectories x {cfg.sample.num_steps} steps per epoch, "
              f"{cfg.trajectories_per_epoch * cfg.trained_timesteps} trained transitions"]
     if preset == "sd15":
-        from fastdag.presets import sd15_parameter_counts
+        from fastdag.families.presets import sd15_parameter_counts
 
         counts = sd15_parameter_counts()
         lines.append("model parameters: " + ", ".join(f"{k} {v / 1e6:.0f} M" for k, v in counts.items()))
