@@ -320,7 +320,10 @@ class ModelFamily:
         if self.lora_key_conversion:
             state = convert_state_dict_to_diffusers(state)
         directory.mkdir(parents=True, exist_ok=True)
-        type(self.pipeline).save_lora_weights(directory, **{f"{self.denoiser_name}_lora_layers": state})
+        # the adapter's config (rank, alpha, targets) rides in the file, so a pipeline loads alpha != rank correctly
+        metadata = self.denoiser.peft_config["default"].to_dict()
+        type(self.pipeline).save_lora_weights(directory, **{f"{self.denoiser_name}_lora_layers": state,
+                                                            f"{self.denoiser_name}_lora_adapter_metadata": metadata})
 
     def lora_from_file(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A saved LoRA file's state dict (what :meth:`save_lora` wrote) as the denoiser's peft state dict."""

@@ -322,6 +322,7 @@ def tiny_sdxl_pipeline(seed: int = 0, image_size: int = 32, device: Optional[tor
         )
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
+    scheduler.register_to_config(clip_sample=False, set_alpha_to_one=False)  # as SDXL's published scheduler config
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
 
