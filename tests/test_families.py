@@ -120,3 +120,16 @@ def test_prompt_embeddings_are_cached_and_text_encoders_offload(tmp_path):
     cond = model.encode_prompts(trainer.prompts.prompts[:3])
     assert calls == [] and cond.embeds.shape[0] == 3 and cond.pooled is not None
     trainer.fit()  # and it trains with the text encoders on the CPU
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_evaluation_report_and_profile_per_family(tmp_path, family):
+    from fastdag.profiling import profile_epoch
+
+    trainer = Trainer(tiny_cfg(tmp_path, f"model.pretrained={FAMILY_PRESETS[family]}", "eval.prompts=tiny",
+                               "eval.samples_per_prompt=1", "eval.num_steps=2", "eval.eta=0", "reward.name=brightness"))
+    trainer.fit()
+    assert set(trainer.evaluations) == {"before", "after"}
+    assert (tmp_path / "run/report.md").is_file()
+    result = profile_epoch(trainer)
+    assert result["breakdown"]["rollout"]["unet"] > 0 and result["breakdown"]["update"]["backward"] > 0
