@@ -521,4 +521,4 @@ def test_a_swallowed_ctrl_c_still_stops_the_run():
         errors.install_stop_handler()  # a new run starts clean
         errors.raise_if_stop_requested()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        errors.restore_handlers(previous)
