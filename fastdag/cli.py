@@ -71,6 +71,7 @@ def train_main(argv: Optional[list[str]] = None, prog: str = "fastdag train") ->
         ENVIRONMENT_ERRNOS, RunStopped, describe_os_error, ignore_stop_signals, install_stop_handler, keep_traceback,
         restore_handlers,
     )
+    from fastdag.outputs import release_run_dirs
     from fastdag.rewards import RewardError
     from fastdag.trainer import Trainer
 
@@ -96,6 +97,7 @@ def train_main(argv: Optional[list[str]] = None, prog: str = "fastdag train") ->
             print(f"fastdag: {_interrupted(cfg, trainer)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
+        release_run_dirs()  # the run directory's lock, also when the Trainer failed before fit() took it over
         shutdown()
         restore_handlers(previous_handlers)
     if world.is_main:
