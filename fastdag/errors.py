@@ -40,6 +40,7 @@ def clip(text: str, limit: int = MAX_QUOTED) -> str:
 _short = reprlib.Repr()
 _short.maxlevel, _short.maxdict, _short.maxlist, _short.maxtuple, _short.maxset = 3, 6, 6, 6, 6
 _short.maxstring, _short.maxother = MAX_QUOTED, MAX_QUOTED
+_short.fillvalue = "…"  # Python >= 3.11 (3.10 keeps "...")
 
 
 def short_repr(value: Any, limit: int = MAX_QUOTED) -> str:
