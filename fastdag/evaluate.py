@@ -81,9 +81,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.samples_per_prompt=8")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from fastdag.rewards import RewardError
+
     try:
         result = evaluate(args.target, args.overrides, base=args.base)
-    except ConfigError as e:
+    except (ConfigError, RewardError) as e:
         return _fail(str(e))
     run_dir = Path(result["run"])
     name = "base" if args.base else Path(result["checkpoint"]).name

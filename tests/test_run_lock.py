@@ -25,8 +25,9 @@ from fastdag.preflight import check_run_dir
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # The tiny config, on the torch engine (no DeepSpeed start-up) and without sample grids.
-TINY = ["--config", str(REPO / "configs/tiny_random_compress.yaml"), "sample.num_steps=4", "checkpoint.every_n_epochs=1",
-        "engine.backend=torch", "logging.progress=false", "logging.grid_size=0", "reward.name=brightness"]
+TINY = ["--config", str(REPO / "configs/tiny_random_compress.yaml"), "sample.num_steps=4",
+        "checkpoint.every_n_epochs=1", "engine.backend=torch", "logging.progress=false", "logging.grid_size=0",
+        "reward.name=brightness"]
 HOLD = ("import sys, time\nfrom pathlib import Path\nfrom fastdag.outputs import lock_run_dir\n"
         "for d in sys.argv[1:]:\n    lock_run_dir(Path(d))\nprint('held', flush=True)\ntime.sleep(600)\n")
 
@@ -94,7 +95,7 @@ def test_two_runs_started_together_on_one_name_give_one_run(tmp_path):
     for p in procs.values():
         p.stdout.close()
         p.stderr.close()
-    assert sorted(rc for rc, _, _ in done.values()) == [0, 2], {k: (rc, err[-1500:]) for k, (rc, err, _) in done.items()}
+    assert sorted(rc for rc, _, _ in done.values()) == [0, 2], {k: (rc, e[-1500:]) for k, (rc, e, _) in done.items()}
     winner = next(epochs for epochs, (rc, _, _) in done.items() if rc == 0)
     loser_err = next(err for rc, err, _ in done.values() if rc == 2)
     lines = [line for line in loser_err.splitlines() if line.strip()]
