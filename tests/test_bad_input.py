@@ -372,7 +372,7 @@ def test_every_bad_input_is_one_line(tmp_path, trained):
         except AssertionError as e:
             problems.append(f"{case.id}: {e}\n    stderr: {err.strip()[-600:]!r}")
     assert not problems, "\n".join(problems)
-    assert len(cases) >= 40
+    assert len(cases) >= 55
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from fastdag.config import ConfigError
+from fastdag.errors import clip
 from fastdag.rewards import CheckedReward, RewardError, RewardFn, build_reward, register_reward, to_uint8_hwc
 
 log = logging.getLogger(__name__)
@@ -218,39 +219,45 @@ def make_server(name: str, reward: RewardFn, host: str = "127.0.0.1", port: int 
                                   f"{max_body:,} (serve-reward --max-body-mb)")
                 return
             with slots:
-                body = self._read_body(length)
-                if body is None:
-                    return
-                try:
-                    images, prompts = decode_batch(body, max_body)
-                except ValueError as e:
-                    self._refuse(413 if isinstance(e, OverLimit) else 400, f"bad request: {e}")
-                    return
-                del body
-                with scoring:
-                    try:
-                        scores = checked(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, prompts)
-                    except Exception as e:  # noqa: BLE001 - the reward's fault, reported to the client as a 500
-                        log.exception("reward %s failed", name)
-                        self._reply(500, {"error": f"reward {name!r} failed on the server: {type(e).__name__}: {e}"})
-                        return
-            self._reply(200, {"scores": scores.tolist()})
+                status, payload = self._score(length)
+            if status != 200:
+                self.close_connection = True
+            self._reply(status, payload)  # outside the locks: a slow reader of its answer holds up nobody
 
-        def _read_body(self, length: int) -> Optional[bytes]:
-            """The body, or None (answered 408) when it does not come in time."""
+        def _score(self, length: int) -> tuple[int, dict[str, Any]]:
+            body = self._read_body(length)
+            if isinstance(body, str):
+                return 408, {"error": f"bad request: {body}"}
+            try:
+                images, prompts = decode_batch(body, max_body)
+            except ValueError as e:
+                return 413 if isinstance(e, OverLimit) else 400, {"error": f"bad request: {e}"}
+            except Exception as e:  # noqa: BLE001 - any other failure to parse a client's bytes (struct.error, ...)
+                return 400, {"error": f"bad request: unreadable body ({type(e).__name__}: {clip(str(e))})"}
+            del body
+            with scoring:
+                try:
+                    scores = checked(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, prompts)
+                except Exception as e:  # noqa: BLE001 - the reward's fault, reported to the client as a 500
+                    log.exception("reward %s failed", name)
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    return 500, {"error": f"reward {name!r} failed on the server: {type(e).__name__}: {clip(first)}"}
+            return 200, {"scores": scores.tolist()}
+
+        def _read_body(self, length: int) -> bytes | str:
+            """The body, or why it did not come in time (a client that stops sending, or trickles)."""
             deadline = time.monotonic() + read_timeout + length / MIN_BODY_RATE
             body = bytearray()
             try:
                 while len(body) < length:
                     chunk = self.rfile.read1(min(length - len(body), 1 << 20))
                     if not chunk:
-                        raise TimeoutError("the connection closed")
+                        raise ConnectionError("the connection closed")
                     body += chunk
                     if time.monotonic() > deadline:
                         raise TimeoutError("too slow")
             except (TimeoutError, ConnectionError) as e:
-                self._refuse(408, f"bad request: the body did not arrive ({len(body):,} of {length:,} bytes: {e})")
-                return None
+                return f"the body did not arrive ({len(body):,} of {length:,} bytes: {e})"
             return bytes(body)
 
         def log_message(self, format: str, *args: Any) -> None:  # per-request lines only in debug logs
