@@ -57,14 +57,23 @@ def sample_checkpoint(target: str, overrides: list[str], base: bool = False):
     from fastdag.models import build_model, load_lora_into
     from fastdag.rewards import CheckedReward, build_reward
 
+    from fastdag.state_io import load_tensors
+
     run_dir, checkpoint = resolve(target)
     cfg = load_config(run_dir / "config.yaml", [*overrides, "train.resume=null"])
     if not cfg.eval.prompts:
         raise ConfigError("eval.prompts: the run has no held-out prompts; give eval.prompts=NAME_OR_FILE")
+    lora = checkpoint / "pytorch_lora_weights.safetensors"
+    if not base and lora.is_file():
+        load_tensors(lora)  # a truncated or foreign file is one line naming it, before the model loads
     torch.manual_seed(cfg.train.seed)
     model, _ = build_model(cfg.model, cfg.lora)
     if not base:
-        load_lora_into(model, checkpoint)
+        try:
+            load_lora_into(model, checkpoint)
+        except RuntimeError as e:  # a tensor of another shape: another model or LoRA rank
+            last = str(e).strip().splitlines()[-1].strip()[:200]
+            raise ConfigError(f"{lora}: LoRA weights for another model or LoRA config ({last})") from None
     reward = CheckedReward(cfg.reward.name, build_reward(cfg.reward.name, cfg.reward.kwargs), cfg.reward.batch_size)
     step = functools.partial(kernels.ddim_step, backend=cfg.kernels.backend, **model.step_kwargs)
     uncond = model.encode_prompts([cfg.sample.negative_prompt]) if model.conditional else None

@@ -28,9 +28,10 @@ from fastdag.evaluation import Evaluation, Evaluator, write_report
 from fastdag.flow import FlowNetwork
 from fastdag.models import build_model, ddim_step_schedule, resolve_device, step_weights
 from fastdag.objectives import DDPO, GRPO, TransitionTerms, beta_at, build_objective
-from fastdag.outputs import MetricsLog, make_run_dir, release_run_dir, save_sample_grid
+from fastdag.outputs import MetricsLog, make_run_dir, save_sample_grid
 from fastdag.preflight import (
     check_reward_prompts, check_run_dir, check_same_setup, choose_checkpoint, planned_run_dir, quiet_loading,
+    release_run_dir,
 )
 from fastdag.prompts import PromptSampler, load_prompts
 from fastdag.rewards import CheckedReward, RewardError, build_reward
