@@ -31,6 +31,7 @@ from fastdag.objectives.flow_network import FlowNetwork
 from fastdag.outputs import MetricsLog, make_run_dir, save_sample_grid
 from fastdag.preflight import (
     check_reward_prompts, check_run_dir, check_same_setup, choose_checkpoint, planned_run_dir, quiet_loading,
+    release_run_dir,
 )
 from fastdag.prompts import PromptSampler, load_prompts
 from fastdag.rewards import CheckedReward, RewardError, build_reward
@@ -350,6 +351,12 @@ class Trainer:
 
     # ----- loop ----------------------------------------------------------------------------------------------
     def fit(self) -> list[dict[str, Any]]:
+        try:
+            return self._fit()
+        finally:  # however the run ends, its directory is free for the next one (a resume)
+            release_run_dir(self.run_dir if self.run_dir is not None else planned_run_dir(self.cfg))
+
+    def _fit(self) -> list[dict[str, Any]]:
         cfg = self.cfg
         if self.run_dir is None:  # rank 0 names and creates it; every process writes its checkpoint parts there
             made = str(make_run_dir(cfg, write_config=False)) if self.main else None
@@ -440,7 +447,7 @@ class Trainer:
         """The output directory, the run directory and the checkpoint to resume from, checked before any model
         loads; returns that checkpoint (None: a fresh start)."""
         run_dir = run_dir if run_dir is not None else planned_run_dir(self.cfg)
-        check_run_dir(self.cfg, run_dir)
+        check_run_dir(self.cfg, run_dir, self.world)  # takes the run directory's lock (rank 0)
         return choose_checkpoint(self.cfg, run_dir, self.world)
 
     def _rng_state(self) -> dict[str, Any]:
