@@ -544,6 +544,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         description="Pretrain the shapes-tiny text-to-image model; the defaults reproduce the shipped one.",
     )
     p.add_argument("--out", required=True, help="directory for the pipeline and recipe_metrics.json")
+    p.add_argument("--family", choices=("sd", "sd3"), default="sd",
+                   help="sd: shapes-tiny (SD 1.5's components, DDPM loss); sd3: shapes-flow-tiny (SD3's, rectified "
+                        "flow; --unet-steps sets its transformer steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
     p.add_argument("--unet-steps", type=int, default=defaults.unet_steps)
@@ -557,6 +560,15 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 def main(argv: Optional[Iterable[str]] = None, prog: str = "fastdag toy pretrain") -> int:
     args = _parser(prog).parse_args(None if argv is None else list(argv))
+    if args.family == "sd3":
+        from fastdag.toy.pretrain_flow import FlowRecipe, pretrain_flow
+
+        steps = args.unet_steps if args.unet_steps != Recipe.unet_steps else FlowRecipe.steps
+        metrics = pretrain_flow(args.out, seed=args.seed, steps=steps, batch_size=args.batch_size,
+                                attribute_dropout=args.attribute_dropout, progress=not args.no_progress,
+                                threads=args.threads)
+        print(json.dumps({"seconds": metrics["seconds"], "base_figures": metrics["base_figures"]}, indent=2))
+        return 0
     try:
         metrics = pretrain(
             args.out,
