@@ -23,7 +23,7 @@ what the command writes under ``$OUT`` comes back (at most 8 files). So:
   runs with what is left if that is at least half its limit, else it is skipped. If the parent dies, each stage
   notices within a second and kills its own group.
 
-Stages, by value (limits: see :data:`STAGES` and ``docs/results/2026-12-06-gpu-check-rehearsal.md``):
+Stages, by value (limits: see :data:`STAGES` and ``docs/results/2026-12-05-gpu-check-rehearsal.md``):
 
 ==============  ===================================================================================================
 ``install``     pip-installs ``.whl/``; which carried packages import, at which version (a carried pin that the
@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import fnmatch
 import json
 import math
 import os
@@ -82,7 +83,10 @@ MARK = "GPU_CHECK_RESULT "
 BUDGET_SECONDS = 480  # the whole check, installs included (a lent machine's lease is 15 minutes, start-up included)
 MIN_FRACTION = 0.5  # a stage runs on what is left of the budget only if that is at least this much of its limit
 # What a stage child learns from its parent.
-OUT_ENV, RUN_ID_ENV, PARENT_ENV, WHEELS_ENV = "GPU_CHECK_OUT", "GPU_CHECK_RUN_ID", "GPU_CHECK_PARENT", "GPU_CHECK_WHEELS"
+OUT_ENV, RUN_ID_ENV, PARENT_ENV = "GPU_CHECK_OUT", "GPU_CHECK_RUN_ID", "GPU_CHECK_PARENT"
+IMAGE_PYTHON = (3, 12)  # the GPU image's CPython: the carried wheels are for it (manylinux x86-64)
+PLATFORMS = [a for tag in ("manylinux_2_28", "manylinux_2_24", "manylinux_2_17", "manylinux2014")
+             for a in ("--platform", f"{tag}_x86_64")]
 IMPORTS = ("diffusers", "peft", "deepspeed", "bitsandbytes", "pynvml", "triton", "transformers")
 DISTRIBUTIONS = {"pynvml": "nvidia-ml-py"}  # import name -> distribution name, where they differ
 
@@ -271,17 +275,20 @@ def _epoch_stage(preset: str, extra: Sequence[str], prefix: str = "") -> None:
 def _install_stage(ctx: Context) -> None:
     """Install the carried wheels (if any), then import each package the stages need and report its version; where a
     wheel was carried, the version that imports must be the carried one."""
-    wheels_dir = Path(os.environ.get(WHEELS_ENV) or WHEELS)
+    other = sys.version_info[:2] != IMAGE_PYTHON  # a rehearsal on another Python: check pip's install, use none
     t0 = time.perf_counter()
-    installed, note = install_carried(wheels_dir)
+    installed, note = install_carried(WHEELS, SITE.with_name(SITE.name + "-for-image") if other else SITE, other)
     if installed is None:
         emit("pip_install", False, note=note, status="failed")
+    elif installed and other:
+        emit("pip_install_for_image_seconds", round(time.perf_counter() - t0, 1), "s",
+             note=f"{note}; for CPython 3.12, not importable by this Python {sys.version.split()[0]}: not used")
     elif installed:
         emit("pip_install_seconds", round(time.perf_counter() - t0, 1), "s", note=note)
     else:
         emit("pip_install", 0, note=note, status="skipped")
     carried = {_normalise(p.split("==")[0]): p.split("==")[1] for p in carried_pins()}
-    wheel_names = {_normalise(w.name.split("-")[0]) for w in wheels_dir.glob("*.whl")} if installed else set()
+    wheel_names = {_normalise(w.name.split("-")[0]) for w in WHEELS.glob("*.whl")} if installed and not other else set()
     for module in IMPORTS:
         try:
             __import__(module)
@@ -543,40 +550,52 @@ class Stage:
     factor: float
     why: str
     needs: tuple[str, ...] = ()
+    headline: tuple[str, ...] = ("*",)  # fnmatch patterns of the metrics the summary shows (failures always)
 
     @property
     def limit(self) -> int:
         return int(5 * math.ceil(self.rehearsal_s * self.factor / 5))
 
 
-# REHEARSAL: `fastdag bench gpu-check --rehearse` on 2 CPU cores (Xeon, no GPU, 2026-12-06), the image's versions
-# (torch 2.13 CPU, transformers 5.17, huggingface-hub 1.33, diffusers 0.42.1, peft 0.21.2, deepspeed 0.19.8,
-# bitsandbytes 0.50.2): seconds per stage, each a fresh process (imports included). docs/results/
-# 2026-12-06-gpu-check-rehearsal.md has the run; the H200 estimates behind each factor are in `why`.
+# Measured 2026-12-05: `fastdag bench gpu-check --rehearse` on 2 shared Xeon cores (load average ~2, one thread per
+# process), the image's versions where installable (Python 3.11.7, torch 2.13.0 CPU, transformers 5.17.0,
+# huggingface-hub 1.33.0, triton 3.6.0, diffusers 0.42.1, peft 0.21.2, deepspeed 0.19.8, bitsandbytes 0.50.2, numpy
+# 2.3.5): each stage's seconds, a fresh process, imports included (wall = CPU there). The factor is the stage's
+# estimated H200 cost (sd15, bf16; in `why`, with ~30 % margin) over that rehearsal: estimates until a GPU run
+# measures them (then: limit = measured x 1.5). docs/results/2026-12-05-gpu-check-rehearsal.md has the run and table.
 STAGES: dict[str, Stage] = {
-    "install": Stage(_install_stage, "pip-install .whl/, then which carried packages import", 20, 2.0,
-                     "pip --no-deps --no-compile of ~15 MB of wheels (~10 s on 16 cores) + the same imports"),
-    "throughput": Stage(_throughput_stage, "P2-P4: fastdag vs official-cost epochs, rollout / UNet-only, MFU", 45, 3.2,
-                        "2 sd15 builds (~10 s each) + 2 epochs per mode: ~3.2 PFLOP fastdag, ~6 official, at "
-                        "~350 TFLOP/s -> ~9 s and ~18 s per epoch; ~115 s in all", ("diffusers", "peft")),
-    "bandwidth": Stage(_bandwidth_stage, "P5: fused DDIM step vs eager PyTorch and a device copy", 10, 3.5,
-                       "Triton JIT of 4 kernels (~8 s) + 2 batch sizes x 2 modes x 2 providers x 25 calls"),
-    "kernels": Stage(_kernels_stage, "kernel tests on compiled Triton (CUDA tensors)", 20, 3.0,
-                     "~60 Triton specialisations JIT-compiled (~1 s each) over 8 xdist workers; the interpreter's "
-                     "arithmetic is the slower part here"),
-    "epochs": Stage(_epochs_stage, "DAG-DB and DAG-KL epoch, bf16, DeepSpeed ZeRO-2", 35, 2.5,
-                    "2 sd15 builds + DeepSpeed init (~15 s each) + 2 first epochs (~15 s each, warm-up included)",
-                    ("diffusers", "peft", "deepspeed")),
-    "graphs": Stage(_graphs_stage, "eager vs CUDA-graph denoising at batch 1 and 8", 15, 3.0,
-                    "1 sd15 build (~12 s) + 5 eager and 5 graphed 50-step rollouts per batch size (~25 s)",
-                    ("diffusers", "peft")),
-    "attention": Stage(_attention_stage, "SDPA backends at SD 1.5's attention; whether xformers loads", 5, 3.0,
-                       "4 SDPA backends x 13 calls at 16x8x4096x40 (the math backend ~30 ms a call)"),
-    "adamw8bit": Stage(_adamw8bit_stage, "bitsandbytes AdamW8bit: one step, one tiny epoch", 10, 2.0,
-                       "bitsandbytes' import + a tiny build and epoch on the GPU (~2 s each)",
+    "install": Stage(_install_stage, "pip-install .whl/, then which carried packages import", 6.3, 4.7,
+                     "~20 s: pip --no-deps --no-compile of 10 wheels (15 MB; 0.9 s here) + importing diffusers, peft, "
+                     "deepspeed, bitsandbytes (its CUDA library) in one process"),
+    "throughput": Stage(_throughput_stage, "P2-P4: fastdag vs official-cost epochs, rollout / UNet-only, MFU", 8.7,
+                        17.8, "~120 s: 2 sd15 builds (~12 s each: 1.07 B parameters initialised on the CPU, ~7 s on 2 "
+                        "cores here) + a FLOP-counted warm-up and a timed epoch per mode (~3.5 PFLOP fastdag, ~6.5 "
+                        "official at ~350 TFLOP/s, plus JPEG rewards: ~10 s and ~25 s an epoch)",
+                        ("diffusers", "peft"),
+                        ("*.epoch_seconds", "official.official_over_fastdag_epoch", "*.rollout_over_unet_only", "*.mfu",
+                         "*.peak_memory_mib", "official.same_first_epoch_rewards", "official.first_epoch_reward_max_*",
+                         "fastdag.unet_only_traj_per_s", "device.matmul_tflops")),
+    "bandwidth": Stage(_bandwidth_stage, "P5: fused DDIM step vs eager PyTorch and a device copy", 1.8, 16,
+                       "~15 s: start-up, Triton JIT of the step's forward and backward kernels, 2 batch sizes x 2 "
+                       "modes x 2 providers x 25 calls of a few ms"),
+    "kernels": Stage(_kernels_stage, "kernel tests on compiled Triton (CUDA tensors)", 23.0, 2.6,
+                     "~35 s: 8 pytest-xdist workers (imports ~8 s), ~150 Triton specialisations JIT-compiled "
+                     "(~0.5 s each, cold cache), 204 tests of milliseconds", headline=("kernel_tests", "test_*")),
+    "epochs": Stage(_epochs_stage, "DAG-DB and DAG-KL epoch, bf16, DeepSpeed ZeRO-2", 9.2, 9.7,
+                    "~70 s: 2 x (sd15 build ~12 s + DeepSpeed init ~3 s + a first epoch ~15 s) + start-up",
+                    ("diffusers", "peft", "deepspeed"),
+                    ("*.epoch_seconds", "*.peak_memory", "*.loss", "*.kl_loss", "*.finite", "*.logp_mismatch_max")),
+    "graphs": Stage(_graphs_stage, "eager vs CUDA-graph denoising at batch 1 and 8", 6.7, 7.4,
+                    "~42 s: 1 sd15 build + 5 eager and 5 graphed 50-step rollouts at batch 1 (~0.5 s each) and 8 "
+                    "(~1.6 s each)", ("diffusers", "peft")),
+    "attention": Stage(_attention_stage, "SDPA backends at SD 1.5's attention; whether xformers loads", 1.5, 10,
+                       "~8 s: start-up and CUDA init, 4 SDPA backends x 13 calls at 16x8x4096x40 (math ~10 ms a call)"),
+    "adamw8bit": Stage(_adamw8bit_stage, "bitsandbytes AdamW8bit: one step, one tiny epoch", 3.6, 6.9,
+                       "~18 s: bitsandbytes' CUDA library, one step, a tiny build and epoch on the GPU (Triton JIT)",
                        ("bitsandbytes", "diffusers", "peft")),
-    "nvml": Stage(_nvml_stage, "NVML telemetry idle and under load", 5, 3.0, "3 s of matmuls + start-up",
-                  ("pynvml",)),
+    "nvml": Stage(_nvml_stage, "NVML telemetry idle and under load", 1.2, 12,
+                  "~9 s: start-up and CUDA init + 3 s of bf16 matmuls", ("pynvml",),
+                  ("nvml", "driver", "power_limit_w", "load.*.max", "load.sm_clock_mhz.min", "load.throttle_reasons")),
 }
 
 
@@ -592,20 +611,23 @@ def limits(overrides: Sequence[str] = ()) -> dict[str, int]:
 
 
 # ----- the parent: plan, run each stage in its own session, record -----------------------------------------------
-def install_carried(wheels_dir: Path = WHEELS, site: Path = SITE) -> tuple[Optional[int], str]:
+def install_carried(wheels_dir: Path = WHEELS, site: Path = SITE, for_image: bool = False) -> tuple[Optional[int], str]:
     """pip-install the wheels in ``wheels_dir`` into ``site`` (--no-deps, as the device tool advises: the image's own
-    packages stay as they are) and put it first on this process's path. (wheels installed or None if pip failed,
-    a note)."""
+    packages stay as they are) and put it first on this process's path. ``for_image``: install them for the image's
+    CPython 3.12 instead (a rehearsal on another Python checks that pip takes the set; nothing goes on the path).
+    (wheels installed or None if pip failed, a note)."""
     wheels = sorted(str(p) for p in wheels_dir.glob("*.whl")) if wheels_dir.is_dir() else []
     if not wheels:
         return 0, f"no wheels carried in {wheels_dir.name}/: the installed packages are used"
+    image = ["--python-version", ".".join(map(str, IMAGE_PYTHON)), "--implementation", "cp", "--only-binary=:all:",
+             *PLATFORMS] if for_image else []
     res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                          "--no-cache-dir", "--disable-pip-version-check", "--upgrade", "--target", str(site),
+                          "--no-cache-dir", "--disable-pip-version-check", "--upgrade", *image, "--target", str(site),
                           *wheels], capture_output=True, text=True)
     if res.returncode != 0:
         print(res.stdout + res.stderr)
         return None, "pip failed: " + (res.stderr.strip().splitlines() or [""])[-1][:200]
-    if str(site) not in sys.path:
+    if not for_image and str(site) not in sys.path:
         sys.path.insert(0, str(site))
     size = sum(Path(w).stat().st_size for w in wheels) / 2**20
     return len(wheels), f"{len(wheels)} wheels, {size:.1f} MiB"
@@ -705,6 +727,10 @@ def _load() -> float:
         return float("nan")
 
 
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 class Recorder:
     """Writes ``--out`` as the check goes: the stage rows of the parent, the log, the running summary."""
 
@@ -747,9 +773,12 @@ class Recorder:
                  f"{spent:.0f} s of the {self.budget} s budget spent" + (f"; running: {running}" if running else ""),
                  "", "| stage | status | seconds | cpu s | limit | results (all in gpu_check.csv) |", "|---|---|---:|---:|---:|---|"]
         for r in self.results:
-            shown = "; ".join(f"{row['metric']} {row['value']}{(' ' + row['unit']) if row.get('unit') else ''}"
-                              f"{(' (' + str(row['note'])[:80] + ')') if row.get('note') else ''}" for row in r.rows[:16])
-            more = f"; ... {len(r.rows) - 16} more" if len(r.rows) > 16 else ""
+            patterns = STAGES[r.name].headline if r.name in STAGES else ("*",)
+            picked = [row for row in r.rows if row.get("status") == "failed"
+                      or any(fnmatch.fnmatchcase(row["metric"], pat) for pat in patterns)]
+            shown = "; ".join(f"{row['metric']} {_short(row['value'])}{(' ' + row['unit']) if row.get('unit') else ''}"
+                              f"{(' (' + str(row['note'])[:80] + ')') if row.get('note') else ''}" for row in picked[:16])
+            more = f"; ... {len(r.rows) - len(picked[:16])} more" if len(r.rows) > len(picked[:16]) else ""
             note = f" — {r.note}" if r.note else ""
             lines.append(f"| {r.name} | {r.status} | {r.seconds:.0f} | {r.cpu_seconds:.0f} | {r.limit} | "
                          f"{shown}{more}{note} |")
@@ -803,6 +832,16 @@ def run_stage(name: str, ctx: Context, limit: float, run_id: str,
                        f"{load0:.1f} -> {_load():.1f}")
 
 
+def _process_age() -> float:
+    """Seconds since this process started (Linux; 0 elsewhere): the budget counts Python's and torch's start too."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def _have(rows: list[dict[str, Any]]) -> dict[str, str]:
     """From the install stage's rows: for each package that does not import, why."""
     return {r["metric"][5:]: r["note"] for r in rows if r["metric"].startswith("have_") and r["value"] is False}
@@ -816,6 +855,11 @@ def run_check(args: argparse.Namespace, on_start: Optional[Callable[[subprocess.
     stage_limits, budget = limits(args.limit or ()), args.budget
     stages = [s for s in STAGES if s in args.stages]  # always in order of value
     ctx = Context(preset, args.rehearse, out)
+    if (out / CSV_NAME).exists():  # refuse now rather than lose the rows of a stage minutes from now
+        with open(out / CSV_NAME, newline="") as f:
+            if tuple(next(csv.reader(f), [])) != FIELDS:
+                print(f"gpu-check: {out / CSV_NAME} has other columns; choose another --out", file=sys.stderr)
+                return 2
     if args.rehearse:  # two cores, shared: one thread per process, as the test suite runs (DESIGN.md §6)
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         # DeepSpeed JIT-builds a CPU-only op (shm_comm, ~50 s) into this folder; shared with other venvs it is rebuilt
@@ -823,11 +867,11 @@ def run_check(args: argparse.Namespace, on_start: Optional[Callable[[subprocess.
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(tempfile.gettempdir()) / (
             "fastdag-gpu-check-ext-" + format(zlib.crc32(sys.prefix.encode()), "08x"))))
     rec = Recorder(out, run_id, budget)
-    rec.header = [f"preset {preset}{' (CPU rehearsal)' if args.rehearse else ''}; stages "
+    rec.header = [f"preset {preset}{' (CPU rehearsal)' if args.rehearse else ''}; {_process_age():.1f} s to start; stages "
                   f"{', '.join(f'{s} <= {stage_limits[s]} s' for s in stages)}"]
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, _interrupt)
-    start = time.perf_counter()
+    start = time.perf_counter() - _process_age()
     missing: Optional[dict[str, str]] = None
     planned = False
     try:
@@ -925,10 +969,8 @@ def carried_report(wheels_dir: Path = WHEELS) -> list[str]:
 def fetch_wheel(requirement: str, wheels_dir: Path) -> bool:
     """pip-download ``requirement``'s wheel for the GPU image (CPython 3.12, manylinux x86-64); for an sdist-only
     package (deepspeed) build a pure-Python wheel here. Whether it worked."""
-    platforms = [a for tag in ("manylinux_2_28", "manylinux_2_24", "manylinux_2_17", "manylinux2014")
-                 for a in ("--platform", f"{tag}_x86_64")]
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels_dir), "--only-binary=:all:",
-           "--python-version", "3.12", "--implementation", "cp", *platforms, requirement]
+           "--python-version", ".".join(map(str, IMAGE_PYTHON)), "--implementation", "cp", *PLATFORMS, requirement]
     if subprocess.run(cmd).returncode == 0:
         return True
     return subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
