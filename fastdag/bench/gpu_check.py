@@ -127,7 +127,6 @@ EPOCH = ["sample.num_batches_per_epoch=1", "train.gradient_accumulation_steps=1"
          "checkpoint.save_final=false", "dag.beta_schedule=constant"]
 
 
-# ----- the stage child: rows as they are measured ----------------------------------------------------------------
 @dataclass(frozen=True)
 class Context:
     """What a stage child is told: the model size, whether this is the CPU rehearsal, where results go."""
@@ -207,9 +206,9 @@ def _timestamp() -> str:
 
 
 def append_result(out: Path, env: dict[str, str], run_id: str, stage: str, row: dict[str, Any]) -> None:
+    cells = {k: row.get(k, "") for k in ("status", "metric", "value", "unit", "note")}
     harness.append_rows(out / CSV_NAME, [{**env, "timestamp": _timestamp(), "run_id": run_id, "stage": stage,
-                                          **{k: row.get(k, "") for k in ("status", "metric", "value", "unit", "note")}}],
-                        FIELDS)
+                                          **cells}], FIELDS)
 
 
 def emit(metric: str, value: Any, unit: str = "", note: str = "", status: str = "ok") -> None:
@@ -256,12 +255,14 @@ def _epoch_stage(preset: str, extra: Sequence[str], prefix: str = "") -> None:
         reset_peak_memory(trainer.device)
         t0 = time.perf_counter()
         row = trainer.fit()[0]
-        emit(prefix + "epoch_seconds", round(time.perf_counter() - t0, 2), "s", note="the first epoch: warm-up included")
+        emit(prefix + "epoch_seconds", round(time.perf_counter() - t0, 2), "s",
+             note="the first epoch: warm-up included")
         emit(prefix + "peak_memory", round(peak_memory_mib(trainer.device), 1), "MiB")
         for key in ("rollout_seconds", "update_seconds"):
             emit(prefix + key, round(row[key], 3), "s")
         finite = all(math.isfinite(float(v)) for k, v in row.items() if k != "epoch" and isinstance(v, (int, float)))
-        for key in ("loss", "db_loss", "kl_loss", "reward_mean", "grad_norm_lora", "grad_norm_flow", "logp_mismatch_max"):
+        for key in ("loss", "db_loss", "kl_loss", "reward_mean", "grad_norm_lora", "grad_norm_flow",
+                    "logp_mismatch_max"):
             if key in row:
                 emit(prefix + key, row[key])
         emit(prefix + "finite", finite, status="ok" if finite else "failed")
@@ -291,11 +292,12 @@ def _install_stage(ctx: Context) -> None:
     wheel_names = {_normalise(w.name.split("-")[0]) for w in WHEELS.glob("*.whl")} if installed and not other else set()
     for module in IMPORTS:
         try:
-            __import__(module)
+            imported = __import__(module)
         except Exception as e:  # ImportError, or a build that fails on this machine
             emit(f"have_{module}", False, note=f"{type(e).__name__}: {str(e)[:160]}", status="skipped")
             continue
-        version, pinned = _version(module), carried.get(_normalise(DISTRIBUTIONS.get(module, module)))
+        version = str(getattr(imported, "__version__", "") or _version(module))  # what imported, not what is listed
+        pinned = carried.get(_normalise(DISTRIBUTIONS.get(module, module)))
         shadowed = pinned is not None and module in wheel_names and version != pinned
         emit(f"have_{module}", True, note=f"{version}" + (f", carried {pinned} is shadowed" if shadowed else ""),
              status="failed" if shadowed else "ok")
@@ -610,7 +612,6 @@ def limits(overrides: Sequence[str] = ()) -> dict[str, int]:
     return out
 
 
-# ----- the parent: plan, run each stage in its own session, record -----------------------------------------------
 def install_carried(wheels_dir: Path = WHEELS, site: Path = SITE, for_image: bool = False) -> tuple[Optional[int], str]:
     """pip-install the wheels in ``wheels_dir`` into ``site`` (--no-deps, as the device tool advises: the image's own
     packages stay as they are) and put it first on this process's path. ``for_image``: install them for the image's
@@ -748,7 +749,8 @@ class Recorder:
         data = live.read_bytes() if live.exists() else b""
         if len(data) > LOG_HEAD + LOG_TAIL:
             cut = len(data) - LOG_HEAD - LOG_TAIL
-            data = data[:LOG_HEAD] + f"\n[... {cut} bytes of this stage's log left out ...]\n".encode() + data[-LOG_TAIL:]
+            gap = f"\n[... {cut} bytes of this stage's log left out ...]\n".encode()
+            data = data[:LOG_HEAD] + gap + data[-LOG_TAIL:]
         with open(self.out / LOG_NAME, "ab") as f:
             f.write(f"\n===== stage {name} =====\n".encode() + data)
         live.unlink(missing_ok=True)
@@ -771,13 +773,15 @@ class Recorder:
                  f"{env['diffusers_version']}, peft {env['peft_version']}, deepspeed {env['deepspeed_version']}, "
                  f"bitsandbytes {env['bitsandbytes_version']}", "", *self.header, "",
                  f"{spent:.0f} s of the {self.budget} s budget spent" + (f"; running: {running}" if running else ""),
-                 "", "| stage | status | seconds | cpu s | limit | results (all in gpu_check.csv) |", "|---|---|---:|---:|---:|---|"]
+                 "", "| stage | status | seconds | cpu s | limit | results (all in gpu_check.csv) |",
+                 "|---|---|---:|---:|---:|---|"]
         for r in self.results:
             patterns = STAGES[r.name].headline if r.name in STAGES else ("*",)
             picked = [row for row in r.rows if row.get("status") == "failed"
                       or any(fnmatch.fnmatchcase(row["metric"], pat) for pat in patterns)]
             shown = "; ".join(f"{row['metric']} {_short(row['value'])}{(' ' + row['unit']) if row.get('unit') else ''}"
-                              f"{(' (' + str(row['note'])[:80] + ')') if row.get('note') else ''}" for row in picked[:16])
+                              f"{(' (' + str(row['note'])[:80] + ')') if row.get('note') else ''}"
+                              for row in picked[:16])
             more = f"; ... {len(r.rows) - len(picked[:16])} more" if len(r.rows) > len(picked[:16]) else ""
             note = f" — {r.note}" if r.note else ""
             lines.append(f"| {r.name} | {r.status} | {r.seconds:.0f} | {r.cpu_seconds:.0f} | {r.limit} | "
@@ -787,8 +791,7 @@ class Recorder:
         os.replace(tmp, self.out / SUMMARY_NAME)
 
 
-def run_stage(name: str, ctx: Context, limit: float, run_id: str,
-              on_start: Optional[Callable[[subprocess.Popen], None]] = None) -> StageResult:
+def run_stage(name: str, ctx: Context, limit: float, run_id: str) -> StageResult:
     """Run one stage in a child process in its own session, its output into ``stage.log``; past ``limit`` seconds
     its whole process group is killed. The result rows are the child's (also already in ``gpu_check.csv``)."""
     assert ctx.out is not None
@@ -804,8 +807,6 @@ def run_stage(name: str, ctx: Context, limit: float, run_id: str,
         log.flush()
         proc = subprocess.Popen(cmd, cwd=harness.REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        if on_start is not None:
-            on_start(proc)
         try:
             code = proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
@@ -847,7 +848,9 @@ def _have(rows: list[dict[str, Any]]) -> dict[str, str]:
     return {r["metric"][5:]: r["note"] for r in rows if r["metric"].startswith("have_") and r["value"] is False}
 
 
-def run_check(args: argparse.Namespace, on_start: Optional[Callable[[subprocess.Popen], None]] = None) -> int:
+def run_check(args: argparse.Namespace) -> int:
+    """Run the stages in order of value within the budget, recording into --out as they go. Exit status: 0 when
+    every stage was ok or skipped, 1 otherwise, 2 when --out cannot take the rows, 130 when interrupted."""
     preset = args.preset or ("tiny" if args.rehearse else "sd15")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out or os.environ.get("OUT") or DEFAULT_OUT / stamp).resolve()
@@ -867,8 +870,8 @@ def run_check(args: argparse.Namespace, on_start: Optional[Callable[[subprocess.
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(tempfile.gettempdir()) / (
             "fastdag-gpu-check-ext-" + format(zlib.crc32(sys.prefix.encode()), "08x"))))
     rec = Recorder(out, run_id, budget)
-    rec.header = [f"preset {preset}{' (CPU rehearsal)' if args.rehearse else ''}; {_process_age():.1f} s to start; stages "
-                  f"{', '.join(f'{s} <= {stage_limits[s]} s' for s in stages)}"]
+    rec.header = [f"preset {preset}{' (CPU rehearsal)' if args.rehearse else ''}; {_process_age():.1f} s to start; "
+                  f"stages {', '.join(f'{s} <= {stage_limits[s]} s' for s in stages)}"]
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, _interrupt)
     start = time.perf_counter() - _process_age()
@@ -893,7 +896,7 @@ def run_check(args: argparse.Namespace, on_start: Optional[Callable[[subprocess.
             else:
                 print(f"gpu-check: {name} (<= {limit:.0f} s) ...", flush=True)
                 rec.summary(running=name)
-                result = run_stage(name, ctx, limit, run_id, on_start)
+                result = run_stage(name, ctx, limit, run_id)
                 rec.stage_log(name, out / LIVE_NAME)
             print(f"gpu-check: {name}: {result.status} in {result.seconds:.0f} s (cpu {result.cpu_seconds:.0f} s, "
                   f"load {result.load or '-'})" + (f" ({result.note})" if result.note else ""), flush=True)
@@ -913,7 +916,6 @@ def run_check(args: argparse.Namespace, on_start: Optional[Callable[[subprocess.
     return 0 if all(r.status in ("ok", "skipped") for r in rec.results) else 1
 
 
-# ----- the carried wheels ----------------------------------------------------------------------------------------
 def strip_wheel(path: Path, keep: Callable[[str], bool]) -> int:
     """Rewrite a wheel without the members ``keep`` rejects (their RECORD lines go too). Bytes saved."""
     before = path.stat().st_size
@@ -1004,7 +1006,6 @@ def prepare_wheels(wheels_dir: Path = WHEELS, fetch: Callable[[str, Path], bool]
     return 0
 
 
-# ----- entry point -----------------------------------------------------------------------------------------------
 def _child(args: argparse.Namespace) -> int:
     """A stage's own process: watch the parent, run the stage body, turn an exception into a failed row."""
     global _STAGE

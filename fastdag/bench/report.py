@@ -109,7 +109,8 @@ def summary(results: PathLike, path: Optional[PathLike] = None, run_id: Optional
                 same = "first-epoch rewards sampled by different DDIM-step implementations"
                 if "first_epoch_reward_max_abs_diff" in off:
                     same += f", max difference {off['first_epoch_reward_max_abs_diff']:.3g}"
-            lines.append(f"- official-cost / fastdag epoch time: **{off['official_over_fastdag_epoch']:.2f}×** ({same})")
+            ratio = off["official_over_fastdag_epoch"]
+            lines.append(f"- official-cost / fastdag epoch time: **{ratio:.2f}×** ({same})")
         dev = metrics.get("device", {})
         if "matmul_tflops" in dev:
             lines.append(f"- measured matmul rate (MFU denominator): {dev['matmul_tflops']:.3g} TFLOP/s")

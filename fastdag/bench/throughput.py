@@ -150,7 +150,8 @@ def graph_sweep(trainer, batches: Sequence[int], repeat: int, add: Callable[[str
 def sampled_alike(a, b) -> bool:
     """Whether two trainers draw the same samples from the same seeds: the same resolved DDIM-step implementation
     (Triton and the reference differ in the last bits, which 50 steps and a JPEG-size reward turn into different
-    rewards) and the same CUDA-graph setting. The x̂_0-reward mode, overlap and micro-batching do not touch sampling."""
+    rewards) and the same CUDA-graph setting. The x̂_0-reward mode, overlap and micro-batching do not touch
+    sampling."""
     from fastdag.kernels import resolve_backend
 
     def key(t):
