@@ -278,3 +278,43 @@ def test_install_carried_puts_the_wheels_first_on_the_path(tmp_path):
         sys.path.remove(str(site))
     assert gpu_check.install_carried(tmp_path / "none", site) == (0, "no wheels carried in none/: the installed "
                                                                      "packages are used")
+
+
+def test_nvml_telemetry_under_load_on_a_fake_nvml(capsys):
+    """The nvml stage's GPU-only body, against a stand-in for pynvml: what it reads and emits."""
+    from types import SimpleNamespace
+
+    calls = []
+    fake = SimpleNamespace(
+        NVML_CLOCK_SM=0, NVML_CLOCK_MEM=1, NVML_TEMPERATURE_GPU=0,
+        nvmlDeviceGetHandleByIndex=lambda i: "h", nvmlSystemGetDriverVersion=lambda: "580.159.04",
+        nvmlDeviceGetEnforcedPowerLimit=lambda h: 700_000, nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(
+            total=143_771 * 2**20), nvmlDeviceGetPowerUsage=lambda h: 650_000 if calls else 90_000,
+        nvmlDeviceGetClockInfo=lambda h, kind: 1980 if kind == 0 else 3201,
+        nvmlDeviceGetTemperature=lambda h, kind: 40, nvmlDeviceGetCurrentClocksEventReasons=lambda h: 0x4)
+    gpu_check.nvml_telemetry_under_load(fake, lambda: (calls.append(1), time.sleep(0.05)), seconds=0.4)
+    metrics = {r["metric"]: r for r in (json.loads(line[len(gpu_check.MARK):]) for line in
+                                        capsys.readouterr().out.splitlines() if line.startswith(gpu_check.MARK))}
+    assert metrics["driver"]["value"] == "580.159.04" and metrics["power_limit_w"]["value"] == 700
+    assert metrics["idle.power_w"]["value"] == 90 and metrics["load.power_w.max"]["value"] == 650
+    assert metrics["load.clock_event_reasons"]["value"] == "0x4" and len(calls) >= 4
+
+
+def test_bandwidth_stage_reports_triton_against_eager_and_copy(monkeypatch, capsys, tmp_path):
+    """The P5 stage's rows when the Triton provider ran (a GPU), from the kernel benchmark's rows (faked here)."""
+    from fastdag.bench import bench_kernels
+
+    def fake_main(argv):
+        assert "--no-compile" in argv and "--backward" in argv and "8" in argv and "32" in argv
+        return [{"provider": p, "mode": "forward", "x_value": 8, "median_ms": ms, "gbps": gbps, "frac_of_copy_bw": f,
+                 "copy_gbps": "4300"} for p, ms, gbps, f in (("reference", "0.40", "500", "0.116"),
+                                                            ("triton", "0.08", "2500", "0.581"))]
+
+    monkeypatch.setattr(bench_kernels, "main", fake_main)
+    gpu_check._bandwidth_stage(gpu_check.Context("sd15", rehearse=False, out=tmp_path))
+    metrics = {r["metric"]: r for r in (json.loads(line[len(gpu_check.MARK):]) for line in
+                                        capsys.readouterr().out.splitlines() if line.startswith(gpu_check.MARK))}
+    assert metrics["copy_gbps"]["value"] == 4300 and metrics["triton.forward.b8.gbps"]["value"] == 2500
+    assert metrics["triton_speedup_over_eager.forward.b8"]["value"] == 5.0 and "58.1% of copy" in metrics[
+        "triton.forward.b8.gbps"]["note"]
+    assert "triton" not in metrics  # no 'needs a GPU' row when it ran
