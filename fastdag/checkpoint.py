@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from fastdag.config import ConfigError
 from fastdag.distributed import World, barrier
@@ -80,7 +80,15 @@ def save_flow(directory: Path, flow: torch.nn.Module) -> None:
 
 
 def load_flow(directory: Path, flow: torch.nn.Module) -> None:
-    flow.load_state_dict(load_file(str(directory / FLOW_WEIGHTS)))
+    """The flow network's weights from a checkpoint; a one-line ConfigError for a damaged or mismatched file."""
+    from fastdag.state_io import load_tensors
+
+    path = directory / FLOW_WEIGHTS
+    try:
+        flow.load_state_dict(load_tensors(path))
+    except RuntimeError as e:  # missing, unexpected or differently shaped tensors: another dag.flow
+        last = str(e).strip().splitlines()[-1].strip()[:200]
+        raise ConfigError(f"{path}: flow weights for another dag.flow ({last})") from None
 
 
 def _fsync_tree(root: Path) -> None:

@@ -58,21 +58,25 @@ def train_main(argv: Optional[list[str]] = None, prog: str = "fastdag train") ->
     args = _train_parser(prog).parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    from fastdag.distributed import World, shutdown
-
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)  # before torch is imported: a bad config is refused in 0.3 s
+        from fastdag.distributed import World, shutdown
+
         world = World.from_env()
     except ConfigError as e:
         return _fail(str(e))
     # Every process runs the same checks, so rank 0 alone reports (N copies of one line help nobody).
     logging.basicConfig(level=logging.INFO if world.is_main else logging.WARNING, format="%(message)s")
-    from fastdag.errors import ENVIRONMENT_ERRNOS, RunStopped, describe_os_error, install_stop_handler, keep_traceback
+    from fastdag.errors import (
+        ENVIRONMENT_ERRNOS, RunStopped, describe_os_error, ignore_stop_signals, install_stop_handler, keep_traceback,
+        restore_handlers,
+    )
+    from fastdag.outputs import release_run_dirs
     from fastdag.rewards import RewardError
     from fastdag.trainer import Trainer
 
     trainer = None
-    previous_handler = install_stop_handler()
+    previous_handlers = install_stop_handler()
     try:
         trainer = Trainer(cfg)
         rows = trainer.fit()
@@ -87,13 +91,15 @@ def train_main(argv: Optional[list[str]] = None, prog: str = "fastdag train") ->
             log_file = keep_traceback(getattr(trainer, "run_dir", None), e, details)
             message += f" (traceback in {log_file})" if log_file else ""
         return _fail(message)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (fastdag.errors.request_stop)
+        ignore_stop_signals()
         if world.is_main:
             print(f"fastdag: {_interrupted(cfg, trainer)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        release_run_dirs()  # the run directory's lock, also when the Trainer failed before fit() took it over
         shutdown()
+        restore_handlers(previous_handlers)
     if world.is_main:
         last = rows[-1]
         print(f"done: {len(rows)} epochs, final reward mean {last['reward_mean']:.4g}; outputs in {trainer.run_dir}")
@@ -101,18 +107,20 @@ def train_main(argv: Optional[list[str]] = None, prog: str = "fastdag train") ->
 
 
 def _interrupted(cfg, trainer) -> str:
-    """One line for Ctrl-C: where the run stands and the command line that continues it."""
+    """One line for Ctrl-C or SIGTERM: where the run stands and the command line that continues it."""
     from pathlib import Path
 
     from fastdag.checkpoint import latest_checkpoint
+    from fastdag.errors import stop_signal
 
+    how = "terminated (SIGTERM)" if stop_signal() == signal.SIGTERM else "interrupted"
     run_dir = getattr(trainer, "run_dir", None)
     if run_dir is None:
-        return "interrupted before training started; nothing was written"
+        return f"{how} before training started; nothing was written"
     latest = latest_checkpoint(Path(run_dir) / "checkpoints")
     if latest is None:
-        return f"interrupted before the first checkpoint of {run_dir}; nothing to resume, run again to start over"
-    return (f"interrupted; {latest} is the latest checkpoint: continue with train.resume=latest "
+        return f"{how} before the first checkpoint of {run_dir}; nothing to resume, run again to start over"
+    return (f"{how}; {latest} is the latest checkpoint: continue with train.resume=latest "
             f"logging.output_dir={Path(run_dir).parent} logging.run_name={Path(run_dir).name}")
 
 
@@ -252,7 +260,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         usage += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
         print("\n".join(usage), file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else EXIT_USAGE
-    return COMMANDS[argv[0]][0](argv[1:])
+    from fastdag.errors import install_stop_handler, restore_handlers
+
+    previous_handlers = install_stop_handler()  # SIGTERM stops every command as Ctrl-C does
+    try:
+        return COMMANDS[argv[0]][0](argv[1:])
+    except KeyboardInterrupt:
+        print("fastdag: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        restore_handlers(previous_handlers)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,19 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from fastdag.errors import short_repr
+
 
 class ConfigError(ValueError):
     """A config problem, reported to the user as one line (exit status 2)."""
+
+
+# What a config may cost. A config file is a few kilobytes; the cap stops a wrong path (a dataset, a log) from
+# being read whole. YAML aliases are allowed (shared settings), but the document they expand to is capped: nine
+# levels of "billion laughs" fit in 1 KB and expand to 9^9 values, which took 107 s and 9.6 GB to turn into an
+# error message. 100,000 nodes is far beyond any config and costs milliseconds to check.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -58,8 +68,20 @@ def _check_train_ranges(t: "TrainConfig") -> None:
 class ModelConfig:
     pretrained: str = _f(
         "tiny-random",
-        "Base model: a preset (tiny-random, tiny-random-ddpm, sd15-random), a local diffusers pipeline directory "
-        "(StableDiffusionPipeline or DDPMPipeline) or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5.",
+        "Base model: a preset (tiny-random, tiny-random-ddpm, tiny-random-sdxl, tiny-random-sd3, tiny-random-flux, "
+        "sd15-random, sd35-medium-random, flux-dev-random), a local diffusers pipeline directory or a hub id such as "
+        "stabilityai/stable-diffusion-3.5-medium. The model family (sd, sdxl, sd3, flux, ddpm) follows from the "
+        "pipeline's class: StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux or DDPM Pipeline.",
+    )
+    resolution: Optional[int] = _f(
+        None,
+        "Image height and width in pixels (None: the model's native size, e.g. 512 for SD 1.5, 1024 for SDXL, SD3.5 "
+        "and FLUX). Flow-GRPO trains SD3.5 Medium and FLUX at 512.",
+    )
+    offload_text_encoders: bool = _f(
+        False,
+        "Encode the training, evaluation and negative prompts once at start, then move the text encoders to the CPU "
+        "(T5-XXL alone is 9 GB in bf16). Prompt embeddings are cached per prompt either way.",
     )
     revision: Optional[str] = _f(None, "Hub revision of the base model.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
@@ -82,15 +104,21 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(self.pretrained.strip() != "", "model.pretrained", "is empty; give a preset, a directory or a hub id")
+        _check(self.resolution is None or self.resolution >= 1, "model.resolution",
+               f"must be a positive number of pixels (or null), got {self.resolution}")
         _check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None, "model.device",
-               f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+               f"must be auto, cpu, cuda, cuda:N or mps, got {short_repr(self.device)}")
 
 
 @dataclass
 class LoraConfig:
     rank: int = _f(4, "LoRA rank (official config: 4).")
     alpha: Optional[float] = _f(None, "LoRA alpha; None = rank (scale 1), as the official code.")
-    target_modules: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA layers.")
+    target_modules: Optional[list[str]] = _f(
+        None,
+        "Denoiser modules that get LoRA layers; None = the family's: to_q/to_k/to_v/to_out.0 for the UNets (the "
+        "official config), Flow-GRPO's eight attention projections of both streams for SD3 and FLUX.",
+    )
     init: Literal["gaussian", "default", "zeros"] = _f(
         "gaussian", "LoRA init: gaussian (peft's gaussian A, zero B), default (kaiming A, zero B)."
     )
@@ -98,13 +126,24 @@ class LoraConfig:
     def __post_init__(self) -> None:
         _check(self.rank > 0, "lora.rank", f"must be a positive integer, got {self.rank}")
         _check(self.alpha is None or self.alpha > 0, "lora.alpha", f"must be > 0 (or null), got {self.alpha}")
-        _check(len(self.target_modules) > 0, "lora.target_modules", "must name at least one module")
+        _check(self.target_modules is None or len(self.target_modules) > 0, "lora.target_modules",
+               "must name at least one module (or null for the family's)")
 
 
 @dataclass
 class SampleConfig:
-    num_steps: int = _f(50, "DDIM steps T per trajectory (paper: 50).")
-    eta: float = _f(1.0, "DDIM eta (paper: 1, the DDPM variance; 0 makes every step deterministic).")
+    num_steps: int = _f(50, "Sampler steps T per trajectory (paper: 50 DDIM steps; Flow-GRPO: 10 flow steps).")
+    eta: float = _f(1.0, "DDIM eta of the UNet families (paper: 1, the DDPM variance; 0 makes every step deterministic).")
+    noise_level: float = _f(
+        0.7,
+        "Flow-matching families (SD3, FLUX): the SDE noise level a (Flow-GRPO: 0.7); 0 is the deterministic Euler "
+        "step of the model's own scheduler.",
+    )
+    sde_type: Literal["sde", "cps"] = _f(
+        "sde",
+        "Flow-matching families: sde (Flow-GRPO's SDE, sigma_t = a*sqrt(sigma/(1-sigma))) or cps "
+        "(coefficients-preserving sampling, std = sigma' * sin(a*pi/2): less noisy samples).",
+    )
     guidance_scale: float = _f(5.0, "Classifier-free guidance weight w (paper: 5); 1 disables CFG.")
     batch_size: int = _f(
         8, "Trajectories per rollout batch, over all processes (each of N processes denoises batch_size / N)."
@@ -126,6 +165,7 @@ class SampleConfig:
         _check(self.num_steps >= 1, "sample.num_steps", f"must be >= 1, got {self.num_steps}")
         # eta > 1 makes σ_t exceed the DDIM bound: √(1 − ᾱ_{t−1} − σ_t²) is then imaginary (NaN)
         _check(0 <= self.eta <= 1, "sample.eta", f"must be in [0, 1], got {self.eta}")
+        _check(0 <= self.noise_level <= 1, "sample.noise_level", f"must be in [0, 1], got {self.noise_level}")
         _check(self.guidance_scale >= 0, "sample.guidance_scale", f"must be >= 0, got {self.guidance_scale}")
         _check(self.batch_size >= 1, "sample.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.num_batches_per_epoch >= 1, "sample.num_batches_per_epoch", "must be >= 1")
@@ -359,7 +399,9 @@ class EvalConfig:
     samples_per_prompt: int = _f(4, "Images per evaluation prompt.")
     num_steps: Optional[int] = _f(None, "DDIM steps for evaluation; None = sample.num_steps.")
     guidance_scale: Optional[float] = _f(None, "CFG weight for evaluation; None = sample.guidance_scale.")
-    eta: Optional[float] = _f(None, "DDIM eta for evaluation; None = sample.eta.")
+    eta: Optional[float] = _f(
+        None, "DDIM eta (or the flow families' noise level) for evaluation; None = sample.eta (sample.noise_level)."
+    )
     seed: int = _f(1234, "Seed of the evaluation noise: before and after use the same seeds.")
     grid_prompts: int = _f(8, "Prompts shown in the report's before/after grids.")
 
@@ -421,7 +463,7 @@ class LoggingConfig:
     def __post_init__(self) -> None:
         _check(self.output_dir.strip() != "", "logging.output_dir", "is empty; give a directory")
         _check(self.run_name is None or _plain_name(self.run_name), "logging.run_name",
-               f"must be one directory name (no '/', not '.' or '..', not empty), got {self.run_name!r}")
+               f"must be one directory name (no '/', not '.' or '..', not empty), got {short_repr(self.run_name)}")
         _check(self.grid_size >= 0, "logging.grid_size", f"must be >= 0, got {self.grid_size}")
 
 
@@ -501,12 +543,12 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` (ints are accepted for floats); return the typed value."""
     origin = typing.get_origin(tp)
-    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {short_repr(value)}")
     if tp is Any:
         return value
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise ConfigError(f"{key}: must be one of {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{key}: must be one of {_type_name(tp)}, got {short_repr(value)}")
         return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -550,7 +592,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         try:
             value = float(value)
         except OverflowError:  # an int beyond the float range
-            raise ConfigError(f"{key}: must be a finite number, got {value!r}") from None
+            raise ConfigError(f"{key}: must be a finite number, got {short_repr(value)}") from None
         if not math.isfinite(value):  # an inf or NaN setting only ever ends in a NaN run
             raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         return value
@@ -564,7 +606,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Instantiate dataclass ``cls`` from nested ``data`` over the defaults, checking keys and types."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {short_repr(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -625,23 +667,38 @@ def _section_fields(cls: type, dotted: str) -> tuple[Any, str]:
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``a.b=value`` -> (["a", "b"], value parsed as YAML, so 3 is an int and [1, 2] a list)."""
     if "=" not in item:
-        raise ConfigError(f"{item}: overrides look like key=value, e.g. train.epochs=2")
+        raise ConfigError(f"{short_repr(item)}: overrides look like key=value, e.g. train.epochs=2")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key:
         raise ConfigError(f"{item}: empty key")
     _section_fields(Config, key)
+    return key.split("."), parse_yaml_value(raw, key)
+
+
+def parse_yaml_value(raw: str, key: str) -> Any:
+    """A command-line value parsed as YAML (3 an int, [1, 2] a list), with the config file's limits; text that
+    is not YAML stays text."""
     try:
-        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""
+        return yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""
     except ConfigError as e:
         raise ConfigError(f"{key}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{key}: the value is nested too deeply") from None
     except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
+        return raw
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """safe_load that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+    """safe_load that refuses a key given twice in one mapping (PyYAML silently keeps the last) and a document
+    whose aliases expand past MAX_YAML_NODES nodes (checked on the node graph, before anything is built)."""
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return self.construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set[Any] = set()
@@ -650,15 +707,50 @@ class _StrictLoader(yaml.SafeLoader):
             if not isinstance(key, typing.Hashable):
                 continue  # PyYAML itself reports unhashable keys
             if key in seen:
-                raise ConfigError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1}); give each key once")
+                raise ConfigError(f"duplicate key {short_repr(key)} (line {key_node.start_mark.line + 1}); give each "
+                                  "key once")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 
+def _check_expansion(root: yaml.Node) -> None:
+    """Count the nodes of the document as its consumers would see it, every alias expanded (a shared node counted
+    at each use), memoised per node so the count itself costs one pass over the graph; ConfigError past
+    MAX_YAML_NODES or for an alias inside its own anchor (an infinitely deep value)."""
+    def children(node: yaml.Node) -> list[yaml.Node]:
+        if isinstance(node, yaml.MappingNode):
+            return [n for pair in node.value for n in pair]
+        return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+    expanded: dict[int, int] = {}
+    path: set[int] = set()  # nodes whose subtree is being counted: the current depth-first path
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, counted = stack.pop()
+        if counted:
+            path.discard(id(node))
+            total = 1 + sum(expanded[id(c)] for c in children(node))
+            if total > MAX_YAML_NODES:
+                raise ConfigError(f"YAML aliases expand the document past {MAX_YAML_NODES:,} values (line "
+                                  f"{node.start_mark.line + 1}); a config needs far fewer")
+            expanded[id(node)] = total
+        elif id(node) in path:
+            raise ConfigError(f"a YAML alias refers to its own anchor (line {node.start_mark.line + 1})")
+        elif id(node) not in expanded:
+            path.add(id(node))
+            stack.append((node, True))
+            stack += [(c, False) for c in children(node)]
+
+
 def _read_yaml(path: Path) -> Any:
-    """The YAML document in ``path``; a ConfigError for an unreadable, non-text or invalid file."""
+    """The YAML document in ``path``; a ConfigError for an unreadable, oversized, non-text or invalid file."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"--config: {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a config is a few "
+                              "kilobytes (is this the right file?)")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"--config: {path} is not a text file (not UTF-8)") from None
     except OSError as e:
@@ -669,6 +761,8 @@ def _read_yaml(path: Path) -> Any:
         return yaml.load(text, Loader=_StrictLoader)
     except ConfigError as e:
         raise ConfigError(f"--config: {path}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"--config: {path} is nested too deeply") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"--config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
 

@@ -48,27 +48,32 @@ def evaluate(target: str, overrides: list[str], base: bool = False) -> dict[str,
 def sample_checkpoint(target: str, overrides: list[str], base: bool = False):
     """The run's config (with `overrides`), run directory, checkpoint and the `Evaluation` of its held-out
     prompts (images, prompts, scores): what `evaluate` reports and what `fastdag.toy.hacked_bank` collects."""
-    import functools
-
     import torch
 
-    from fastdag import kernels
     from fastdag.evaluation import Evaluator
-    from fastdag.models import build_model, load_lora_into
+    from fastdag.families import build_model, load_lora_into
     from fastdag.rewards import CheckedReward, build_reward
+
+    from fastdag.state_io import load_tensors
 
     run_dir, checkpoint = resolve(target)
     cfg = load_config(run_dir / "config.yaml", [*overrides, "train.resume=null"])
     if not cfg.eval.prompts:
         raise ConfigError("eval.prompts: the run has no held-out prompts; give eval.prompts=NAME_OR_FILE")
+    lora = checkpoint / "pytorch_lora_weights.safetensors"
+    if not base and lora.is_file():
+        load_tensors(lora)  # a truncated or foreign file is one line naming it, before the model loads
     torch.manual_seed(cfg.train.seed)
     model, _ = build_model(cfg.model, cfg.lora)
     if not base:
-        load_lora_into(model, checkpoint)
+        try:
+            load_lora_into(model, checkpoint)
+        except RuntimeError as e:  # a tensor of another shape: another model or LoRA rank
+            last = str(e).strip().splitlines()[-1].strip()[:200]
+            raise ConfigError(f"{lora}: LoRA weights for another model or LoRA config ({last})") from None
     reward = CheckedReward(cfg.reward.name, build_reward(cfg.reward.name, cfg.reward.kwargs), cfg.reward.batch_size)
-    step = functools.partial(kernels.ddim_step, backend=cfg.kernels.backend, **model.step_kwargs)
-    uncond = model.encode_prompts([cfg.sample.negative_prompt]) if model.conditional else None
-    return cfg, run_dir, checkpoint, Evaluator(cfg, model, reward, step, uncond)()
+    uncond = model.encode_negative(cfg.sample.negative_prompt) if model.conditional else None
+    return cfg, run_dir, checkpoint, Evaluator(cfg, model, reward, uncond)()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -81,9 +86,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.samples_per_prompt=8")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from fastdag.rewards import RewardError
+
     try:
         result = evaluate(args.target, args.overrides, base=args.base)
-    except ConfigError as e:
+    except (ConfigError, RewardError) as e:
         return _fail(str(e))
     run_dir = Path(result["run"])
     name = "base" if args.base else Path(result["checkpoint"]).name

@@ -11,12 +11,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from fastdag.config import Config, PromptsConfig
-from fastdag.models import DiffusionModel, ddim_step_schedule
+from fastdag.families import Cond, ModelFamily
 from fastdag.outputs import sample_grid
 from fastdag.prompts import load_prompts
 from fastdag.rewards import CheckedReward, build_metric
@@ -34,29 +34,30 @@ class Evaluation:
 
 
 class Evaluator:
-    def __init__(self, cfg: Config, model: DiffusionModel, reward: CheckedReward, step_fn: Callable,
-                 uncond: Optional[torch.Tensor]):
+    def __init__(self, cfg: Config, model: ModelFamily, reward: CheckedReward, uncond: Optional[Cond]):
         e = cfg.eval
-        self.cfg, self.model, self.reward, self.step_fn, self.uncond = cfg, model, reward, step_fn, uncond
+        self.cfg, self.model, self.reward, self.uncond = cfg, model, reward, uncond
         prompts = load_prompts(PromptsConfig(source=e.prompts, column=cfg.prompts.column))
         self.prompts = [p for p in prompts for _ in range(e.samples_per_prompt)]
         self.metric = build_metric(e.metric, e.metric_kwargs) if e.metric else None
-        self.schedule = ddim_step_schedule(model.scheduler, e.num_steps or cfg.sample.num_steps, model.device)
+        # the family's sampler with evaluation's steps and stochasticity (eval.eta: DDIM's η or the flow noise level)
+        self.sampler = model.make_sampler(e.num_steps or cfg.sample.num_steps, cfg.sample, backend=cfg.kernels.backend,
+                                          stochasticity=e.eta)
 
     def __call__(self) -> Evaluation:
         e, s = self.cfg.eval, self.cfg.sample
         generator = torch.Generator(self.model.device).manual_seed(e.seed)  # same noise for every evaluation
-        was_training = self.model.unet.training
-        self.model.unet.eval()
+        was_training = self.model.denoiser.training
+        self.model.denoiser.eval()
         images = torch.cat([
             generate_images(
-                self.model, self.schedule, self.prompts[i : i + s.batch_size],
+                self.model, self.sampler, self.prompts[i : i + s.batch_size],
                 guidance_scale=s.guidance_scale if e.guidance_scale is None else e.guidance_scale,
-                eta=s.eta if e.eta is None else e.eta, uncond=self.uncond, step_fn=self.step_fn, generator=generator,
+                uncond=self.uncond, generator=generator,
             )
             for i in range(0, len(self.prompts), s.batch_size)
         ])
-        self.model.unet.train(was_training)
+        self.model.denoiser.train(was_training)
         scores = {"reward": self.reward(images, self.prompts).mean().item()}
         if self.metric is not None:
             # nanmean: a metric marks with NaN what it cannot score on an image (an attribute its prompt leaves out).

@@ -13,8 +13,10 @@ from typing import Any, Optional
 from fastdag.checkpoint import check_checkpoint, engine_meta, newest_usable_checkpoint
 from fastdag.config import Config, ConfigError, config_to_dict
 from fastdag.distributed import World
+from fastdag.outputs import LOCK_FILE, lock_run_dir, release_run_dir
 
 log = logging.getLogger(__name__)
+WRITE_PROBE = ".fastdag-write-check-"
 
 # Config sections a resumed run must share with its checkpoint (the weights and optimizer state depend on them).
 RESUME_MUST_MATCH = (("model", "pretrained"), ("lora",), ("dag", "algorithm"), ("dag", "flow"))
@@ -36,16 +38,20 @@ def check_writable(path: Path, key: str) -> None:
         where = "is a file" if existing == path else f"lies under {existing}, which is a file"
         raise ConfigError(f"{key}: {path} {where}, not a directory")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".fastdag-write-check-", dir=existing)
+        fd, probe = tempfile.mkstemp(prefix=WRITE_PROBE, dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
         raise ConfigError(f"{key}: cannot write in {existing} ({e.strerror or e})") from None
 
 
-def check_run_dir(cfg: Config, run_dir: Optional[Path]) -> None:
-    """The output directory is writable, and a named run never overwrites an earlier run: an existing, non-empty
-    run directory is reused only to resume it."""
+def check_run_dir(cfg: Config, run_dir: Optional[Path], world: World = World()) -> None:
+    """The output directory is writable, a named run's directory is this run's alone (rank 0 locks it for the
+    process group, see ``fastdag.outputs.lock_run_dir``; a second run is refused, naming the holder), and a named
+    run never overwrites an earlier run: an existing, non-empty run directory is reused only to resume it.
+
+    The lock is taken before the directory is looked at and held until the run ends, so two runs started
+    together cannot both find it free and then both write into it."""
     check_writable(Path(cfg.logging.output_dir).expanduser(), "logging.output_dir")
     if run_dir is None:
         return
@@ -53,9 +59,21 @@ def check_run_dir(cfg: Config, run_dir: Optional[Path]) -> None:
         raise ConfigError(f"logging.run_name: {run_dir} is a file, not a run directory")
     if run_dir.is_dir():
         check_writable(run_dir, "logging.run_name")
-        if cfg.train.resume is None and any(run_dir.iterdir()):
-            raise ConfigError(f"logging.run_name: {run_dir} already holds a run; continue it with train.resume=latest, "
-                              "or start a new run under another logging.run_name")
+    if world.is_main:
+        lock_run_dir(run_dir)
+    try:
+        if cfg.train.resume is None and holds_a_run(run_dir):
+            raise ConfigError(f"logging.run_name: {run_dir} already holds a run; continue it with "
+                              "train.resume=latest, or start a new run under another logging.run_name")
+    except ConfigError:
+        release_run_dir(run_dir)
+        raise
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    """Anything in ``run_dir`` but the lock and the write probes (another rank's ``check_writable``)."""
+    return run_dir.is_dir() and any(p.name != LOCK_FILE and not p.name.startswith(WRITE_PROBE)
+                                    for p in run_dir.iterdir())
 
 
 def check_same_setup(saved: dict[str, Any], now: dict[str, Any], directory: Path) -> None:

@@ -127,13 +127,18 @@ def _read_json(path: Path, exclude: set[str]) -> list[str]:
 
 
 def _check_text(path: Path, source: str) -> None:
-    """A prompt file is UTF-8 text: anything else is one line, not a UnicodeDecodeError traceback."""
+    """A prompt file is UTF-8 text without NUL bytes: anything else is one line, not a UnicodeDecodeError
+    traceback (and not a prompt that C code, a tokenizer or a terminal would cut short)."""
     try:
-        path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"prompts.source: {source!r} is not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise ConfigError(f"prompts.source: cannot read {source!r} ({e.strerror or e})") from None
+    nul = text.find("\0")
+    if nul >= 0:
+        raise ConfigError(f"prompts.source: {source!r} holds a NUL byte on line {text.count(chr(10), 0, nul) + 1}; "
+                          "a prompt file is text")
 
 
 def load_prompts(cfg: PromptsConfig) -> list[str]:
@@ -158,6 +163,9 @@ def load_prompts(cfg: PromptsConfig) -> list[str]:
             prompts = _read_txt(path)
         if not prompts:
             raise ConfigError(f"prompts.source: {source!r} holds no prompts")
+    for i, prompt in enumerate(prompts):  # a JSON file's "\u0000", a registered set's strings
+        if "\0" in prompt:
+            raise ConfigError(f"prompts.source: prompt {i + 1} of {source!r} holds a NUL character")
     return prompts
 
 

@@ -1,6 +1,7 @@
-"""Rollouts: sample trajectories with CFG, recording everything the objectives need.
+"""Rollouts: sample trajectories with the family's sampler and guidance, recording everything the objectives need.
 
-Per trajectory the policy runs T CFG UNet forwards. With ``xhat_rewards: rollout`` the x̂_0 of every state is
+Family-blind: the model family predicts (``predict``), the sampler steps (``step``, with log p_F and log p_B) and
+turns outputs into x̂_0 (``xhat0``). Per trajectory the policy runs T guided denoiser forwards. With ``xhat_rewards: rollout`` the x̂_0 of every state is
 taken from the *conditional* half of the CFG batch at sampling time (free) and each state is decoded and scored
 once; with ``recompute`` the trainer rescoring happens per transition instead (the official code's cost).
 
@@ -14,33 +15,32 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from fastdag.models import DiffusionModel, StepSchedule, log_once
+from fastdag.families import Cond, ModelFamily, log_once
 from fastdag.profiling import NULL_TIMER, PhaseTimer
 from fastdag.rewards import CheckedReward
-from fastdag.kernels.ddim_step import DDIMStepOutput, predict_x0_eps
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Trajectories:
-    """B trajectories of T DDIM steps; step i goes from ``latents[:, i]`` to ``latents[:, i + 1]``.
+    """B trajectories of T sampler steps; step i goes from ``latents[:, i]`` to ``latents[:, i + 1]``.
 
-    The x̂_0 reward of state i is r(decode(x̂_0(latents[:, i]))) with x̂_0 from the conditional noise prediction;
+    The x̂_0 reward of state i is r(decode(x̂_0(latents[:, i]))) with x̂_0 from the conditional model output;
     the state after the last step (x_0) is scored with the true ``rewards``.
     """
 
     prompts: list[str]  # B
-    prompt_embeds: Optional[torch.Tensor]  # [B, L, D]; None for unconditional models
+    prompt_embeds: Optional[Cond]  # B rows; None for unconditional models
     latents: torch.Tensor  # [B, T+1, C, H, W]: x_T ... x_0
     log_pf: torch.Tensor  # [B, T] fp32, log p_θ(x_{t-1} | x_t) at sampling time
     log_pb: torch.Tensor  # [B, T] fp32, log q(x_t | x_{t-1})
-    eps: torch.Tensor  # [B, T, C, H, W] CFG noise prediction at sampling time (proximal regulariser)
-    timesteps: torch.Tensor  # [B, T] long
+    eps: torch.Tensor  # [B, T, C, H, W] guided model output at sampling time (ε̂ or v̂; proximal regulariser)
+    timesteps: torch.Tensor  # [B, T] the model timesteps (long for DDIM, σ·1000 for flow)
     rewards: torch.Tensor  # [B] fp32, r(decode(x_0))
     xhat_rewards: Optional[torch.Tensor]  # [B, T] fp32 x̂_0 rewards of states 0..T-1; None when recomputed
     images: torch.Tensor  # [B, 3, H, W] final images in [0, 1] (CPU)
@@ -61,19 +61,15 @@ class Trajectories:
                 out[f.name] = None
             elif isinstance(values[0], list):
                 out[f.name] = [x for v in values for x in v]
+            elif isinstance(values[0], Cond):
+                out[f.name] = Cond.cat(values)
             else:
                 out[f.name] = torch.cat(values)
         return Trajectories(**out)
 
 
-def xhat0(x_t: torch.Tensor, output: torch.Tensor, alpha_t: torch.Tensor, prediction_type: str = "epsilon") -> torch.Tensor:
-    """x̂_0 [B, ...] fp32 of a model output in ``prediction_type`` (ε̂: (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t) with ᾱ_t [B];
-    unclipped, as the official code's forward-looking x̂_0 (``pred_orig_latent``)."""
-    return predict_x0_eps(output, x_t, alpha_t, prediction_type)[0]
-
-
 def score_latents(
-    model: DiffusionModel, reward: CheckedReward, latents: torch.Tensor, prompts: list[str], batch_size: int,
+    model: ModelFamily, reward: CheckedReward, latents: torch.Tensor, prompts: list[str], batch_size: int,
     keep_images: bool = False, *, cheap: bool = False, timer: PhaseTimer = NULL_TIMER,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Decode [N, C, H, W] latents in batches and score them: (rewards [N], images [N, 3, H', W'] or None), CPU.
@@ -91,7 +87,7 @@ def score_latents(
     return torch.cat(rewards), (torch.cat(images) if keep_images else None)
 
 
-def cuda_graphs_usable(model: DiffusionModel, requested: bool) -> bool:
+def cuda_graphs_usable(model: ModelFamily, requested: bool) -> bool:
     """Whether rollout steps may be CUDA-graphed: asked for, a CUDA device, and CUDA available (graph objects
     cannot even be constructed without it). Asking for them elsewhere is logged once; the rollout runs eager."""
     if not requested:
@@ -103,27 +99,26 @@ def cuda_graphs_usable(model: DiffusionModel, requested: bool) -> bool:
 
 
 class GraphedStep:
-    """One rollout step (CFG UNet forward + DDIM step) captured in a CUDA graph for a fixed batch size.
+    """One rollout step (guided denoiser forward + sampler step) captured in a CUDA graph for a fixed batch size.
 
-    Inputs are copied into static buffers (x [B, C, H, W], t [B], ᾱ_t [B], ᾱ_prev [B], noise [B, C, H, W],
-    cond [B, L, D]) and the graph replayed; the outputs (ε̂, ε_c, step output) are static buffers overwritten by
-    the next replay, so callers copy what they keep. The LoRA weights are read through their storage, so
-    in-place optimizer updates are seen by later replays.
+    Inputs are copied into static buffers (x [B, C, H, W], step indices [B], noise [B, C, H, W], cond) and the
+    graph replayed; the outputs (guided output, conditional output, step output) are static buffers overwritten by
+    the next replay, so callers copy what they keep. The sampler's schedule is a static device tensor indexed inside
+    the graph. The LoRA weights are read through their storage, so in-place optimizer updates are seen by later
+    replays.
     """
 
-    def __init__(self, model: DiffusionModel, uncond: Optional[torch.Tensor], batch: int, *, guidance_scale: float,
-                 eta: float, reduce: str, step_fn: Callable, cond_shape: Optional[tuple[int, ...]]):
+    def __init__(self, model: ModelFamily, sampler, uncond: Optional[Cond], batch: int, *, guidance_scale: float,
+                 cond: Optional[Cond]):
         dev = model.device
         self.x = torch.zeros((batch, *model.latent_shape), device=dev)  # [B, C, H, W]
         self.noise = torch.zeros_like(self.x)
-        self.t = torch.full((batch,), 500, dtype=torch.long, device=dev)
-        self.a_t = torch.full((batch,), 0.5, device=dev)
-        self.a_prev = torch.full((batch,), 0.6, device=dev)
-        self.cond = torch.zeros(cond_shape, dtype=model.dtype, device=dev) if cond_shape is not None else None
+        self.steps = torch.zeros((batch,), dtype=torch.long, device=dev)
+        self.cond = cond.clone() if cond is not None else None
 
         def body():
-            eps, eps_cond = model.predict_eps(self.x, self.t, self.cond, uncond, guidance_scale)
-            return eps, eps_cond, step_fn(eps, self.x, self.a_t, self.a_prev, eta, noise=self.noise, reduce=reduce)
+            out, out_cond = model.predict(self.x, sampler.timesteps[self.steps], self.cond, uncond, guidance_scale)
+            return out, out_cond, sampler.step(out, self.x, self.steps, noise=self.noise)
 
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
@@ -135,11 +130,9 @@ class GraphedStep:
         with torch.cuda.graph(self.graph):
             self.eps, self.eps_cond, self.out = body()
 
-    def __call__(self, x, t, a_t, a_prev, noise, cond) -> tuple[torch.Tensor, torch.Tensor, DDIMStepOutput]:
+    def __call__(self, x, steps, noise, cond):
         self.x.copy_(x)
-        self.t.copy_(t)
-        self.a_t.copy_(a_t)
-        self.a_prev.copy_(a_prev)
+        self.steps.copy_(steps)
         self.noise.copy_(noise)
         if self.cond is not None:
             self.cond.copy_(cond)
@@ -147,15 +140,12 @@ class GraphedStep:
         return self.eps, self.eps_cond, self.out
 
 
-def graphed_step(model: DiffusionModel, uncond: Optional[torch.Tensor], batch: int, cond: Optional[torch.Tensor], *,
-                 guidance_scale: float, eta: float, reduce: str, step_fn: Callable) -> GraphedStep:
-    """The model's cached :class:`GraphedStep` for this batch size and sampler settings (captured on first use)."""
-    key = (batch, guidance_scale, eta, reduce, None if cond is None else tuple(cond.shape))
+def graphed_step(model: ModelFamily, sampler, uncond: Optional[Cond], batch: int, cond: Optional[Cond], *,
+                 guidance_scale: float) -> GraphedStep:
+    """The model's cached :class:`GraphedStep` for this sampler, batch size and guidance (captured on first use)."""
+    key = (id(sampler), batch, guidance_scale, None if cond is None else tuple(cond.embeds.shape))
     if key not in model.cuda_graphs:
-        model.cuda_graphs[key] = GraphedStep(
-            model, uncond, batch, guidance_scale=guidance_scale, eta=eta, reduce=reduce, step_fn=step_fn,
-            cond_shape=None if cond is None else tuple(cond.shape),
-        )
+        model.cuda_graphs[key] = GraphedStep(model, sampler, uncond, batch, guidance_scale=guidance_scale, cond=cond)
     return model.cuda_graphs[key]
 
 
@@ -171,41 +161,38 @@ def gaussian_rows(shape: tuple[int, ...], generator: torch.Generator, device: to
 
 
 def denoise(
-    model: DiffusionModel,
-    schedule: StepSchedule,
+    model: ModelFamily,
+    sampler,
     x: torch.Tensor,
-    cond: Optional[torch.Tensor],
-    uncond: Optional[torch.Tensor],
+    cond: Optional[Cond],
+    uncond: Optional[Cond],
     *,
     guidance_scale: float,
-    eta: float,
-    reduce: str,
-    step_fn: Callable,
     generator: torch.Generator,
     graph: Optional[GraphedStep] = None,
     timer: PhaseTimer = NULL_TIMER,
     share: Optional[tuple[int, int]] = None,
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, DDIMStepOutput]]:
-    """Run the T DDIM steps from x = x_T; yields (i, x_t, ε̂ CFG, ε_c conditional, step output) per step.
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Any]]:
+    """Run the sampler's T steps from x = x_T; yields (i, steps [B], x_t, guided output, conditional output, step
+    output) per step.
 
     With ``graph`` the step replays a CUDA graph; the yielded tensors are then its static buffers, valid until
     the next step.
     """
     b = x.shape[0]
-    for i in range(schedule.num_steps):
-        t = schedule.timesteps[i].expand(b)
-        a_t, a_prev = schedule.alpha_t[i].expand(b), schedule.alpha_prev[i].expand(b)
+    for i in range(sampler.num_steps):
+        steps = torch.full((b,), i, dtype=torch.long, device=x.device)
         noise = gaussian_rows(x.shape, generator, x.device, share)
         if graph is not None:
-            with timer.phase("unet"):  # UNet and step math replay as one graph
-                eps, eps_cond, out = graph(x, t, a_t, a_prev, noise, cond)
+            with timer.phase("unet"):  # denoiser and step math replay as one graph
+                eps, eps_cond, out = graph(x, steps, noise, cond)
             x = graph.x
         else:
             with timer.phase("unet"):
-                eps, eps_cond = model.predict_eps(x, t, cond, uncond, guidance_scale)
+                eps, eps_cond = model.predict(x, sampler.timesteps[steps], cond, uncond, guidance_scale)
             with timer.phase("step"):
-                out = step_fn(eps, x, a_t, a_prev, eta, noise=noise, reduce=reduce)
-        yield i, x, eps, eps_cond, out
+                out = sampler.step(eps, x, steps, noise=noise)
+        yield i, steps, x, eps, eps_cond, out
         x = out.x_prev
 
 
@@ -214,26 +201,23 @@ class Rollout:
     """One rollout batch before its rewards are scored (shapes as :class:`Trajectories`)."""
 
     prompts: list[str]  # B
-    prompt_embeds: Optional[torch.Tensor]  # [B, L, D]
+    prompt_embeds: Optional[Cond]  # B rows
     latents: torch.Tensor  # [B, T+1, C, H, W]
     log_pf: torch.Tensor  # [B, T]
     log_pb: torch.Tensor  # [B, T]
     eps: torch.Tensor  # [B, T, C, H, W]
     timesteps: torch.Tensor  # [B, T]
-    xhat: Optional[torch.Tensor]  # [B, T, C, H, W] fp32 x̂_0 of states 0..T-1 (conditional ε), or None
+    xhat: Optional[torch.Tensor]  # [B, T, C, H, W] fp32 x̂_0 of states 0..T-1 (conditional output), or None
 
 
 @torch.no_grad()
 def rollout_batch(
-    model: DiffusionModel,
-    schedule: StepSchedule,
+    model: ModelFamily,
+    sampler,
     prompts: list[str],
     *,
     guidance_scale: float,
-    eta: float,
-    reduce: str,
-    uncond: Optional[torch.Tensor],
-    step_fn: Callable,
+    uncond: Optional[Cond],
     generator: torch.Generator,
     keep_xhat: bool,
     cuda_graphs: bool = False,
@@ -243,7 +227,7 @@ def rollout_batch(
     """Denoise B = len(prompts) trajectories from x_T ~ N(0, I); no decoding or scoring (see :func:`score_rollout`).
 
     ``share = (rank, world)``: this process's rows of a data-parallel batch (see :func:`gaussian_rows`)."""
-    b, T, dev = len(prompts), schedule.num_steps, model.device
+    b, T, dev = len(prompts), sampler.num_steps, model.device
     cond = model.encode_prompts(prompts)
     x = gaussian_rows((b, *model.latent_shape), generator, dev, share)
     latents = torch.empty((b, T + 1, *model.latent_shape), device=dev)  # [B, T+1, C, H, W]
@@ -254,24 +238,23 @@ def rollout_batch(
     latents[:, 0] = x
     graph = None
     if cuda_graphs_usable(model, cuda_graphs):
-        graph = graphed_step(model, uncond, b, cond, guidance_scale=guidance_scale, eta=eta, reduce=reduce,
-                             step_fn=step_fn)
-    steps = denoise(model, schedule, x, cond, uncond, guidance_scale=guidance_scale, eta=eta, reduce=reduce,
-                    step_fn=step_fn, generator=generator, graph=graph, timer=timer, share=share)
-    for i, x_t, eps, eps_cond, out in steps:
+        graph = graphed_step(model, sampler, uncond, b, cond, guidance_scale=guidance_scale)
+    steps = denoise(model, sampler, x, cond, uncond, guidance_scale=guidance_scale, generator=generator, graph=graph,
+                    timer=timer, share=share)
+    for i, step_index, x_t, eps, eps_cond, out in steps:
         with timer.phase("step"):
             if keep_xhat:
                 # The forward-looking flow uses x̂_0 of the conditional prediction (no CFG), as the official code.
-                xhat[:, i] = xhat0(x_t, eps_cond, schedule.alpha_t[i].expand(b), model.prediction_type)
+                xhat[:, i] = sampler.xhat0(eps_cond, x_t, step_index)
             latents[:, i + 1] = out.x_prev
             eps_all[:, i] = eps
             log_pf[:, i], log_pb[:, i] = out.log_pf, out.log_pb
-    return Rollout(list(prompts), cond, latents, log_pf, log_pb, eps_all, schedule.timesteps.expand(b, T).clone(), xhat)
+    return Rollout(list(prompts), cond, latents, log_pf, log_pb, eps_all, sampler.timesteps.expand(b, T).clone(), xhat)
 
 
 @torch.no_grad()
 def score_rollout(
-    model: DiffusionModel,
+    model: ModelFamily,
     reward: CheckedReward,
     rollout: Rollout,
     *,
@@ -355,20 +338,17 @@ class OverlappedScorer:
 
 @torch.no_grad()
 def generate_images(
-    model: DiffusionModel,
-    schedule: StepSchedule,
+    model: ModelFamily,
+    sampler,
     prompts: list[str],
     *,
     guidance_scale: float,
-    eta: float,
-    uncond: Optional[torch.Tensor],
-    step_fn: Callable,
+    uncond: Optional[Cond],
     generator: torch.Generator,
 ) -> torch.Tensor:
     """Sample one image per prompt: float [B, 3, H, W] in [0, 1] on the CPU (for evaluation and reports)."""
     x = torch.randn((len(prompts), *model.latent_shape), generator=generator, device=model.device)
     cond = model.encode_prompts(prompts)
-    for _, _, _, _, out in denoise(model, schedule, x, cond, uncond, guidance_scale=guidance_scale, eta=eta,
-                                   reduce="mean", step_fn=step_fn, generator=generator):
+    for *_, out in denoise(model, sampler, x, cond, uncond, guidance_scale=guidance_scale, generator=generator):
         x = out.x_prev
     return model.decode(x).cpu()

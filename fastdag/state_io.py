@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from fastdag.config import ConfigError
+
 JSON_SUFFIX, TENSOR_SUFFIX = ".json", ".safetensors"
 _MARKERS = ("__tensor__", "__tuple__", "__dict__", "__float__", "__ndarray__")
 
@@ -99,6 +101,20 @@ def save_state(stem: Path, state: Any) -> None:
     json_path, tensor_path = state_files(stem)
     save_file(tensors, str(tensor_path))
     json_path.write_text(json.dumps(encoded, allow_nan=False))
+
+
+def load_tensors(path: Path, key: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a user's safetensors file (LoRA, flow or reward weights) on the CPU; a one-line ConfigError
+    naming the file and what is wrong when it cannot be read or is not a whole safetensors file (truncated,
+    empty, another format)."""
+    where = f"{key}: " if key else ""
+    try:
+        return load_file(str(path))
+    except OSError as e:
+        raise ConfigError(f"{where}cannot read {path} ({e.strerror or e})") from None
+    except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError: a damaged header or data
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{where}{path} is damaged or not a safetensors file ({first})") from None
 
 
 def load_state(stem: Path) -> Any:

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastdag import distributed
-from fastdag.advantages import PerPromptStatTracker, epoch_normalised, group_advantages
+from fastdag.objectives.advantages import PerPromptStatTracker, epoch_normalised, group_advantages
 from fastdag.checkpoint import (
     ENGINE_DIR, TRAINER_STATE, checkpoint_name, checkpoint_write_failed, engine_meta, prune_checkpoints, rank_file,
     read_checkpoint, save_checkpoint, save_flow, weights_digest,
@@ -25,20 +25,21 @@ from fastdag.distributed import World
 from fastdag.engine import build_engine, check_engine
 from fastdag.errors import raise_if_stop_requested
 from fastdag.evaluation import Evaluation, Evaluator, write_report
-from fastdag.flow import FlowNetwork
-from fastdag.models import build_model, ddim_step_schedule, resolve_device, step_weights
+from fastdag.families import build_model, resolve_device
 from fastdag.objectives import DDPO, GRPO, TransitionTerms, beta_at, build_objective
+from fastdag.objectives.flow_network import FlowNetwork
 from fastdag.outputs import MetricsLog, make_run_dir, save_sample_grid
 from fastdag.preflight import (
     check_reward_prompts, check_run_dir, check_same_setup, choose_checkpoint, planned_run_dir, quiet_loading,
+    release_run_dir,
 )
 from fastdag.prompts import PromptSampler, load_prompts
 from fastdag.rewards import CheckedReward, RewardError, build_reward
 from fastdag.profiling import PhaseTimer
 from fastdag.tracking import build_tracker
-from fastdag.rollout import OverlappedScorer, Trajectories, rollout_batch, score_latents, score_rollout, xhat0
+from fastdag.rollout import OverlappedScorer, Trajectories, rollout_batch, score_latents, score_rollout
+from fastdag.samplers import step_weights
 from fastdag.state_io import save_state
-from fastdag import kernels
 
 log = logging.getLogger(__name__)
 # Warn once when the first micro-step's recomputed log p_F is this far from the rollout's (metrics.jsonl has it).
@@ -80,22 +81,25 @@ class Trainer:
             self.model.load_xhat_decoder(cfg.dag.xhat_decoder)
         # Per-phase timing for `fastdag profile` and the benchmarks; off (a no-op, no host syncs) in training.
         self.timer = PhaseTimer(enabled=False, device=self.device)
-        self.schedule = ddim_step_schedule(self.model.scheduler, cfg.sample.num_steps, self.device)
-        self.step_weights = step_weights(self.schedule, cfg.sample.eta, cfg.dag.step_weighting,
-                                         self.model.prediction_type)
-        self.ddim_step = partial(kernels.ddim_step, backend=cfg.kernels.backend, **self.model.step_kwargs)
+        # The family's sampler (DDIM for the UNets, the flow SDE for SD3/FLUX): schedule, step, log-probs, x̂_0.
+        self.sampler = self.model.make_sampler(cfg.sample.num_steps, cfg.sample, reduce=cfg.dag.reduce,
+                                               backend=cfg.kernels.backend)
+        self.step_weights = step_weights(self.sampler.score_scale(), cfg.dag.step_weighting)
         self.objective = build_objective(cfg.dag, cfg.kernels.backend, gather=distributed.gather_rows)
         self.flow: Optional[FlowNetwork] = None
         if self.objective.uses_flow:
-            self.flow = FlowNetwork(self.model.latent_shape[0], cfg.dag.flow, self.model.cond_dim).to(self.device)
+            self.flow = FlowNetwork(self.model.latent_shape[0], cfg.dag.flow, self.model.flow_cond_dim).to(self.device)
         self.engine = build_engine(
-            cfg, self.model.unet, self.flow, lora_params,
+            cfg, self.model.denoiser, self.flow, lora_params,
             list(self.flow.parameters()) if self.flow is not None else [], self.shard, self.world, self.device,
         )
-        self.uncond = self.model.encode_prompts([cfg.sample.negative_prompt]) if self.model.conditional else None
+        self.uncond = self.model.encode_negative(cfg.sample.negative_prompt) if self.model.conditional else None
         self.evaluator = None
         if cfg.eval.prompts and self.world.is_main:
-            self.evaluator = Evaluator(cfg, self.model, self.reward, self.ddim_step, self.uncond)
+            self.evaluator = Evaluator(cfg, self.model, self.reward, self.uncond)
+        if cfg.model.offload_text_encoders and self.model.conditional:
+            self.model.offload_text_encoders(
+                [*self.prompts.prompts, *(self.evaluator.prompts if self.evaluator is not None else [])])
         self.evaluations: dict[str, Evaluation] = {}
         self.noise = torch.Generator(self.device).manual_seed(cfg.train.seed)
         self.shuffle = torch.Generator().manual_seed(cfg.train.seed + 1)
@@ -113,7 +117,7 @@ class Trainer:
         # DDPO's per-prompt reward buffers persist across epochs (checkpointed)
         self.stat_tracker = PerPromptStatTracker(cfg.dag.stat_buffer, cfg.dag.stat_min_count)
         # GRPO's KL to the base model: KL per unit squared output difference at each step, (∂μ/∂o / σ_t)² / 2
-        kl_scale = self.schedule.score_scale(cfg.sample.eta, self.model.prediction_type) ** 2 / 2
+        kl_scale = self.sampler.score_scale() ** 2 / 2
         self.kl_scale = torch.nan_to_num(kl_scale, nan=0.0)  # deterministic steps (σ = 0) have no KL term
 
     @property
@@ -165,9 +169,9 @@ class Trainer:
         return [p for p in self.prompts.sample(n // g) for _ in range(g)]
 
     def sample_epoch(self) -> Trajectories:
-        cfg, T = self.cfg, self.schedule.num_steps
+        cfg, T = self.cfg, self.sampler.num_steps
         self._epoch_prompts = []
-        self.model.unet.eval()
+        self.model.denoiser.eval()
         n = self.shard.trajectories
         self._plan = self.draw_plan(n, T)
         score_xhat = self.objective.uses_flow and cfg.dag.xhat_rewards == "rollout"
@@ -183,9 +187,8 @@ class Trainer:
                     self._epoch_prompts += everyone
                     prompts = everyone[rank::world]
                     rollout = rollout_batch(
-                        self.model, self.schedule, prompts, guidance_scale=cfg.sample.guidance_scale,
-                        eta=cfg.sample.eta, reduce=cfg.dag.reduce, uncond=self.uncond, step_fn=self.ddim_step,
-                        generator=self.noise, keep_xhat=score_xhat, cuda_graphs=cfg.sample.cuda_graphs,
+                        self.model, self.sampler, prompts, guidance_scale=cfg.sample.guidance_scale,
+                        uncond=self.uncond, generator=self.noise, keep_xhat=score_xhat, cuda_graphs=cfg.sample.cuda_graphs,
                         timer=self.timer, share=(rank, world),
                     )
                     batch_mask = mask[k * b : (k + 1) * b] if mask is not None else None
@@ -199,27 +202,27 @@ class Trainer:
         return trajs
 
     # ----- update --------------------------------------------------------------------------------------------
-    def _xhat_rewards_now(self, x: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor, cond, prompts) -> torch.Tensor:
+    def _xhat_rewards_now(self, x: torch.Tensor, steps: torch.Tensor, cond, prompts) -> torch.Tensor:
         """The official per-transition recompute: a conditional forward of the current model, decode, score."""
         with torch.no_grad():
             with self.timer.phase("unet"):
-                _, eps_cond = self.model.predict_eps(x, t, cond, self.uncond, 1.0)
-                xhat = xhat0(x, eps_cond, alpha, self.model.prediction_type)
+                _, eps_cond = self.model.predict(x, self.sampler.timesteps[steps], cond, self.uncond, 1.0)
+                xhat = self.sampler.xhat0(eps_cond, x, steps)
             return score_latents(self.model, self.reward, xhat, prompts, self.cfg.reward.batch_size, cheap=True,
                                  timer=self.timer)[0].to(self.device)
 
     def transition_terms(self, trajs: Trajectories, idx: torch.Tensor, steps: torch.Tensor, beta: float,
                          advantages: Optional[torch.Tensor] = None) -> TransitionTerms:
         """Evaluate the current model on transitions ``steps`` [b] of trajectories ``idx`` [b]."""
-        cfg, sch, T = self.cfg, self.schedule, trajs.num_steps
+        cfg, sampler, T = self.cfg, self.sampler, trajs.num_steps
         x_t, x_prev = trajs.latents[idx, steps], trajs.latents[idx, steps + 1]
-        t, a_t, a_prev = sch.timesteps[steps], sch.alpha_t[steps], sch.alpha_prev[steps]
+        t = sampler.timesteps[steps]
         cond = trajs.prompt_embeds[idx] if trajs.prompt_embeds is not None else None
         timer = self.timer
         with timer.phase("unet"):
-            eps, _ = self.model.predict_eps(x_t, t, cond, self.uncond, cfg.sample.guidance_scale)
+            eps, _ = self.model.predict(x_t, t, cond, self.uncond, cfg.sample.guidance_scale)
         with timer.phase("step"):
-            out = self.ddim_step(eps, x_t, a_t, a_prev, cfg.sample.eta, x_prev=x_prev, reduce=cfg.dag.reduce)
+            out = sampler.step(eps, x_t, steps, x_prev=x_prev)
         terms = TransitionTerms(
             log_pf=out.log_pf, log_pb=out.log_pb, log_pf_old=trajs.log_pf[idx, steps], eps=eps,
             eps_old=trajs.eps[idx, steps], advantages=advantages,
@@ -227,26 +230,26 @@ class Trainer:
         )
         if isinstance(self.objective, GRPO) and self.objective.kl_coef > 0:
             with torch.no_grad(), self.model.adapters_disabled():
-                terms.eps_ref, _ = self.model.predict_eps(x_t, t, cond, self.uncond, cfg.sample.guidance_scale)
+                terms.eps_ref, _ = self.model.predict(x_t, t, cond, self.uncond, cfg.sample.guidance_scale)
             terms.kl_scale = self.kl_scale[steps]
         if self.flow is None:
             return terms
         terminal = steps == T - 1
         next_steps = (steps + 1).clamp_max(T - 1)  # a placeholder at the last step, masked below
-        t_prev = sch.timesteps[next_steps]
+        t_prev = sampler.timesteps[next_steps]
         final_r = trajs.rewards[idx]
         if trajs.xhat_rewards is not None:
             r_t, r_prev = trajs.xhat_rewards[idx, steps], trajs.xhat_rewards[idx, next_steps]
         else:
             prompts = [trajs.prompts[i] for i in idx.tolist()]
-            r_t = self._xhat_rewards_now(x_t, t, a_t, cond, prompts)
-            r_prev = self._xhat_rewards_now(x_prev, t_prev, sch.alpha_t[next_steps], cond, prompts)
+            r_t = self._xhat_rewards_now(x_t, steps, cond, prompts)
+            r_prev = self._xhat_rewards_now(x_prev, next_steps, cond, prompts)
         r_prev = torch.where(terminal, final_r, r_prev)
         # One flow forward on both states of every transition. The flow's weights are fp32; in a bf16 run it runs
         # under the model's autocast (as the official code's flow), so it takes the bf16 prompt embeddings.
         with timer.phase("flow"), self.model.autocast():
             both = self.flow(torch.cat([x_t, x_prev]), torch.cat([t, t_prev]),
-                             None if cond is None else torch.cat([cond, cond]))
+                             None if cond is None else torch.cat([cond.embeds, cond.embeds]))
         f_t, f_prev = both.chunk(2)
         # Forward-looking flow: log F(x) = F_φ(x) + β r(x̂_0(x)); log F(x_0) := β r(x_0).
         terms.log_flow_t = f_t + beta * r_t
@@ -285,7 +288,7 @@ class Trainer:
 
     def _train_epoch(self, trajs: Trajectories, beta: float, progress: Optional[tqdm]) -> dict[str, float]:
         n, T = len(trajs), trajs.num_steps
-        self.model.unet.train()
+        self.model.denoiser.train()
         advantages = self.trajectory_advantages(trajs) if isinstance(self.objective, DDPO) else None
         sums: dict[str, torch.Tensor] = {}
         count = 0
@@ -348,6 +351,12 @@ class Trainer:
 
     # ----- loop ----------------------------------------------------------------------------------------------
     def fit(self) -> list[dict[str, Any]]:
+        try:
+            return self._fit()
+        finally:  # however the run ends, its directory is free for the next one (a resume)
+            release_run_dir(self.run_dir if self.run_dir is not None else planned_run_dir(self.cfg))
+
+    def _fit(self) -> list[dict[str, Any]]:
         cfg = self.cfg
         if self.run_dir is None:  # rank 0 names and creates it; every process writes its checkpoint parts there
             made = str(make_run_dir(cfg, write_config=False)) if self.main else None
@@ -438,7 +447,7 @@ class Trainer:
         """The output directory, the run directory and the checkpoint to resume from, checked before any model
         loads; returns that checkpoint (None: a fresh start)."""
         run_dir = run_dir if run_dir is not None else planned_run_dir(self.cfg)
-        check_run_dir(self.cfg, run_dir)
+        check_run_dir(self.cfg, run_dir, self.world)  # takes the run directory's lock (rank 0)
         return choose_checkpoint(self.cfg, run_dir, self.world)
 
     def _rng_state(self) -> dict[str, Any]:

@@ -15,8 +15,10 @@ import os
 import pickle
 import random
 import re
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +30,7 @@ import torch
 
 from fastdag import cli
 from fastdag.config import config_help
+from test_run_lock import hold
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -102,7 +105,20 @@ def trained(tmp_path_factory) -> Path:
     return out / "run"
 
 
-def build_cases(root: Path, trained: Path) -> list[Case]:
+def alias_bomb(levels: int = 9, width: int = 9) -> str:
+    """Billion laughs: ~600 bytes of YAML whose aliases expand to width ** levels strings."""
+    lines = [f"a0: &a0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines)
+
+
+def bomb_config() -> str:
+    """The issue's probe: the bomb under reward.kwargs (under an unknown top-level key it was refused at once)."""
+    return "reward:\n  name: brightness\n  kwargs:\n" + "".join(f"    {line}\n" for line in alias_bomb().splitlines())
+
+
+def build_cases(root: Path, trained: Path, holder: int) -> list[Case]:
+    """``holder``: the PID of a process holding the run directories root/busy and root/busy-resume."""
     cases: list[Case] = []
 
     def add(*args, **kwargs) -> None:
@@ -192,6 +208,50 @@ def build_cases(root: Path, trained: Path) -> list[Case]:
     add("profile-chart-is-a-directory", ["profile", "--chart", str(root), *TINY], "is a directory", premodel=True)
     add("profile-table-under-a-file", ["profile", "--table", str(a_file / "t.md"), *TINY], "--table: ", premodel=True)
 
+    # --- issue 21: what a config may cost, damaged files, NUL bytes, runs that collide, the reward server ---------
+    bomb = root / "alias-bomb.yaml"
+    bomb.write_text(bomb_config())
+    add("config-alias-bomb", [*train_argv(root, "bomb"), "--config", str(bomb)],
+        f"--config: {bomb}: YAML aliases expand the document past 100,000 values (line 9); a config needs far fewer",
+        premodel=True)
+    inline = "{" + ", ".join(alias_bomb(levels=7).splitlines()) + "}"
+    add("override-alias-bomb", train_argv(root, "bomb", f"reward.kwargs={inline}"),
+        "reward.kwargs: YAML aliases expand the document past 100,000 values", premodel=True)
+    add("override-recursive-alias", train_argv(root, "bomb", "reward.kwargs={a: &a [*a]}"),
+        "reward.kwargs: a YAML alias refers to its own anchor", premodel=True)
+    add("override-nested-too-deeply", train_argv(root, "bomb", "reward.kwargs=" + "[" * 50000 + "]" * 50000),
+        "reward.kwargs: the value is nested too deeply", premodel=True)
+    huge = root / "huge.yaml"
+    huge.write_text("# padding\n" * 200_000)
+    add("config-too-large", ["train", "--config", str(huge)], f"--config: {huge} is larger than 1 MiB", premodel=True)
+    long_value = root / "long-value.yaml"
+    long_value.write_text("model:\n  device: " + "x" * 500_000 + "\n")
+
+    def clipped(result: dict) -> None:
+        assert len(result["stderr"]) < 400 and ("…" in result["stderr"] or "..." in result["stderr"])
+
+    add("long-value-is-clipped", [*train_argv(root, "long"), "--config", str(long_value)],
+        "model.device: must be auto, cpu, cuda, cuda:N or mps, got 'xxxx", premodel=True, after=clipped)
+    for suffix, body, where in ((".txt", b"a cat\nthe\x00dog\n", "holds a NUL byte on line 2"),
+                                (".csv", b"prompt\na cat\nthe\x00dog\n", "holds a NUL byte on line 3"),
+                                (".json", b'["a cat", "the\\u0000dog"]', "prompt 2 of")):
+        path = root / f"nul-prompts{suffix}"
+        path.write_bytes(body)
+        add(f"prompts-nul{suffix}", train_argv(root, "p", f"prompts.source={path}"), where, premodel=True)
+    lora_run = copy_run("lora")
+    lora_ckpt = lora_run / "checkpoints/epoch-0002"
+    truncate(lora_ckpt / "pytorch_lora_weights.safetensors")
+    add("evaluate-truncated-lora", ["evaluate", str(lora_ckpt), "eval.prompts=tiny", "eval.samples_per_prompt=1",
+                                    "eval.num_steps=2"],
+        f"{lora_ckpt}/pytorch_lora_weights.safetensors is damaged or not a safetensors file (Error while "
+        "deserializing header")
+    in_use = f"is in use by another fastdag run (PID {holder} on host {socket.gethostname()}, since "
+    add("run-dir-in-use", train_argv(root, "busy"), f"logging.run_name: {root / 'busy'} {in_use}", premodel=True)
+    add("resume-while-running", train_argv(root, "busy-resume", "train.resume=latest"),
+        f"logging.run_name: {root / 'busy-resume'} {in_use}", premodel=True)
+    add("serve-reward-on-the-network-without-token", ["serve-reward", "brightness", "--host", "0.0.0.0"],
+        "--host: 0.0.0.0 is reachable from other machines; give --token SECRET", premodel=True)
+
     # --- point 6 ----------------------------------------------------------------------------------------------
     add("eta-above-1", train_argv(root, "x", "sample.eta=2"), "sample.eta: must be in [0, 1], got 2.0", premodel=True)
     add("guidance-negative", train_argv(root, "x", "sample.guidance_scale=-1"), "sample.guidance_scale: must be >= 0",
@@ -206,7 +266,7 @@ def build_cases(root: Path, trained: Path) -> list[Case]:
         "model.pretrained: could not load 'someone/not-a-model'", env={"HF_HUB_OFFLINE": "1"},
         absent=("stacktrace", "stack trace", "Will try"))
     pipe_dir = root / "pipeline"
-    from fastdag.presets import tiny_text_to_image_pipeline
+    from fastdag.families.presets import tiny_text_to_image_pipeline
 
     tiny_text_to_image_pipeline().save_pretrained(pipe_dir)
     add("no-progress-bars", train_argv(root, "quiet", f"model.pretrained={pipe_dir}", "train.epochs=1"), rc=0,
@@ -285,8 +345,14 @@ def test_every_bad_input_is_one_line(tmp_path, trained):
     """Each case through ``fastdag.cli.main`` in one batch process: the exit status, exactly one line on stderr (the
     error) for failures, no traceback anywhere, failures before the model loads where the input is known then,
     and each case's own after-check (files unchanged, nothing executed, metrics still JSON, ...)."""
-    cases = build_cases(tmp_path, trained)
-    results = run_batch(cases, tmp_path)
+    shutil.copytree(trained, tmp_path / "busy-resume")
+    holder = hold(tmp_path / "busy", tmp_path / "busy-resume")  # as a `fastdag train` of these runs would
+    try:
+        cases = build_cases(tmp_path, trained, holder.pid)
+        results = run_batch(cases, tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
     problems = []
     for case in cases:
         r = results[case.id]
@@ -306,7 +372,37 @@ def test_every_bad_input_is_one_line(tmp_path, trained):
         except AssertionError as e:
             problems.append(f"{case.id}: {e}\n    stderr: {err.strip()[-600:]!r}")
     assert not problems, "\n".join(problems)
-    assert len(cases) >= 40
+    assert len(cases) >= 55
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
+def test_alias_bomb_is_refused_fast_in_bounded_memory(tmp_path):
+    """The issue's bomb (9 levels of billion laughs under reward.kwargs) cost 107 s, 9.6 GB and a 2 GB error line.
+    Through the real CLI in a process of its own, under a 4 GiB address-space limit (so a regression fails the
+    test rather than the machine): exit 2, one short line, peak RSS and time bounded."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(bomb_config())
+    report = tmp_path / "maxrss"
+    # VmHWM, not getrusage's ru_maxrss: on Linux the latter keeps the forking pytest worker's peak across exec
+    code = ("import sys\nfrom fastdag.cli import main\nrc = main(sys.argv[2:])\nhwm = [l for l in "
+            "open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
+            "open(sys.argv[1], 'w').write(hwm)\nsys.exit(rc)")
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", code, str(report), "train", "--config", str(bomb),
+                          f"logging.output_dir={tmp_path}"], capture_output=True, text=True, env=env, cwd=REPO,
+                         timeout=300, preexec_fn=limit)
+    seconds = time.monotonic() - t0
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.splitlines() == [f"fastdag: error: --config: {bomb}: YAML aliases expand the document past "
+                                       "100,000 values (line 9); a config needs far fewer"]
+    peak_mb = int(report.read_text()) / 1024  # KiB
+    print(f"alias bomb: refused in {seconds:.2f} s, peak RSS {peak_mb:.0f} MB")
+    assert peak_mb < 200 and seconds < 60  # torch alone is ~300 MB: refused before it is imported
 
 
 # ----- the property test: random overrides of every config field --------------------------------------------------
@@ -468,6 +564,61 @@ def test_ctrl_c_is_one_line_saying_where_to_resume(tmp_path):
                     r"logging.run_name=run$", last), last
 
 
+def test_sigterm_during_a_save_keeps_the_last_checkpoint(tmp_path):
+    """SIGTERM (what `timeout`, Slurm, Kubernetes and torchrun send) while epoch 2's checkpoint is half written:
+    exit status 2, one line naming epoch 1 as the checkpoint to resume, and epoch 1 intact."""
+    from fastdag.checkpoint import STALL_ENV, STALL_MARKER, engine_meta, newest_usable_checkpoint
+    from fastdag.distributed import World
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    env[STALL_ENV] = "epoch-0002"
+    proc = subprocess.Popen([sys.executable, "-m", "fastdag.cli", *train_argv(tmp_path, "run", "train.epochs=3")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    stalled = tmp_path / "run/checkpoints/epoch-0002.tmp" / STALL_MARKER
+    deadline = time.monotonic() + 180
+    while not stalled.exists():
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, "the save did not start in 180 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-2000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"fastdag: terminated (SIGTERM); {tmp_path}/run/checkpoints/epoch-0001 is the latest checkpoint: continue "
+        f"with train.resume=latest logging.output_dir={tmp_path} logging.run_name=run")
+    latest, skipped = newest_usable_checkpoint(tmp_path / "run/checkpoints", World(), engine_meta("torch", 0))
+    assert latest == tmp_path / "run/checkpoints/epoch-0001" and not skipped
+    assert not (tmp_path / "run/checkpoints/epoch-0002").exists()
+
+
+def test_damaged_weight_files_are_one_line_config_errors(tmp_path):
+    """Flow and reward weights a user points at: truncated, empty, another shape or not a checkpoint -> one line
+    naming the file (the LoRA goes through the CLI in test_every_bad_input_is_one_line)."""
+    from fastdag.checkpoint import FLOW_WEIGHTS, load_flow, save_flow
+    from fastdag.config import ConfigError
+    from fastdag.rewards.loading import load_state_dict
+
+    flow = torch.nn.Linear(3, 2)
+    save_flow(tmp_path, flow)
+    truncate(tmp_path / FLOW_WEIGHTS)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / FLOW_WEIGHTS))} is damaged or not a "
+                                          r"safetensors file \(Error while deserializing header"):
+        load_flow(tmp_path, flow)
+    save_flow(tmp_path, torch.nn.Linear(4, 2))
+    with pytest.raises(ConfigError, match=r"flow.safetensors: flow weights for another dag.flow \(size mismatch"):
+        load_flow(tmp_path, flow)
+    empty = tmp_path / "head.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"^reward.kwargs.model: .*head.safetensors is damaged or not a safetensors "
+                                          r"file \(.*header too small\)$"):
+        load_state_dict(empty)
+    torch.save({"w": torch.zeros(3)}, tmp_path / "head.pt")
+    truncate(tmp_path / "head.pt")
+    with pytest.raises(ConfigError, match=r"^reward.kwargs.model: cannot read .*head.pt as a weights-only checkpoint"):
+        load_state_dict(tmp_path / "head.pt")
+
+
 def _listening_addresses() -> list[str]:
     """Local addresses of this process's listening TCP sockets (Linux /proc), hex as the kernel writes them."""
     inodes = set()
@@ -521,4 +672,4 @@ def test_a_swallowed_ctrl_c_still_stops_the_run():
         errors.install_stop_handler()  # a new run starts clean
         errors.raise_if_stop_requested()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        errors.restore_handlers(previous)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastdag.advantages import PerPromptStatTracker, group_advantages
-from fastdag.models import StepSchedule, ddim_step_schedule
+from fastdag.objectives.advantages import PerPromptStatTracker, group_advantages
+from fastdag.samplers import StepSchedule, ddim_step_schedule
 from fastdag.objectives import GRPO, TransitionTerms
 from fastdag.trainer import Trainer
 from test_trainer import tiny_cfg

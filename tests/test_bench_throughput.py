@@ -83,7 +83,7 @@ def test_matmul_rate_is_measured():
 
 
 def test_sd15_configs_have_sd15_parameter_counts():
-    from fastdag.presets import PRESETS, sd15_parameter_counts
+    from fastdag.families.presets import PRESETS, sd15_parameter_counts
 
     counts = sd15_parameter_counts()  # meta device: no memory, no init
     assert counts["unet"] == pytest.approx(859.52e6, rel=1e-4)
@@ -93,17 +93,17 @@ def test_sd15_configs_have_sd15_parameter_counts():
 
 
 def test_sd15_architecture_runs_at_reduced_width():
-    from fastdag.models import DiffusionModel
-    from fastdag.presets import sd15_random_pipeline
+    from fastdag.families import family_for
+    from fastdag.families.presets import sd15_random_pipeline
 
     pipe = sd15_random_pipeline(width_divisor=8, image_size=64)
     assert pipe.unet.config.down_block_types[0] == "CrossAttnDownBlock2D" and pipe.unet.config.layers_per_block == 2
     assert pipe.text_encoder.config.num_hidden_layers == 12 and pipe.tokenizer.model_max_length == 77
-    model = DiffusionModel(pipe, torch.device("cpu"), torch.float32)
+    model = family_for(pipe, torch.device("cpu"), torch.float32)
     cond = model.encode_prompts(["a red circle", "a cat"])
-    assert cond.shape == (2, 77, 96)
+    assert cond.embeds.shape == (2, 77, 96)
     x, t = torch.randn(2, *model.latent_shape), torch.tensor([999, 500])
-    eps, eps_c = model.predict_eps(x, t, cond, model.encode_prompts([""]), 5.0)
+    eps, eps_c = model.predict(x, t, cond, model.encode_prompts([""]), 5.0)
     assert eps.shape == (2, 4, 8, 8) and torch.isfinite(eps).all()
     img = model.decode(x)
     assert img.shape == (2, 3, 64, 64) and 0 <= img.min() and img.max() <= 1

@@ -14,7 +14,11 @@ def test_defaults_follow_the_paper():
     cfg = Config()
     assert (cfg.sample.num_steps, cfg.sample.eta, cfg.sample.guidance_scale) == (50, 1.0, 5.0)
     assert (cfg.dag.beta, cfg.dag.ratio_clip, cfg.dag.prox_coef, cfg.dag.reduce) == (100.0, 1e-4, 1.0, "mean")
-    assert cfg.lora.rank == 4 and cfg.lora.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+    # the LoRA targets default to the family's: the official config's for the SD UNet
+    from fastdag.families.sd import SDFamily
+
+    assert cfg.lora.rank == 4 and cfg.lora.target_modules is None
+    assert SDFamily.lora_targets == ["to_q", "to_k", "to_v", "to_out.0"]
     assert cfg.dag.kl_coefficient == cfg.dag.beta
 
 

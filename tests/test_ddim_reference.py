@@ -3,7 +3,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from fastdag.models import ddim_step_schedule
+from fastdag.samplers import ddim_step_schedule
 from fastdag.kernels import db_residual_reference, ddim_step_reference
 
 

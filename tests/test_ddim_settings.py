@@ -12,7 +12,8 @@ from diffusers import DDIMScheduler
 from kernel_testing import DEVICE, requires_triton
 
 from fastdag.config import ConfigError, LoraConfig, ModelConfig
-from fastdag.models import build_model, ddim_step_schedule, step_settings
+from fastdag.families import build_model
+from fastdag.samplers import ddim_step_schedule, step_settings
 from fastdag.kernels.ddim_step import PREDICTION_TYPES, ddim_step_reference, ddim_step_triton
 
 CLIPS = [None, 1.0, 0.5]
@@ -122,15 +123,12 @@ def test_tiny_ddpm_rollout_at_eta0_equals_diffusers_sampling_loop():
     model, _ = build_model(ModelConfig(pretrained="tiny-random-ddpm", device="cpu"), LoraConfig())
     assert model.clip_sample_range == 1.0  # the preset clips x̂_0, as the paper's CIFAR-10 DDPM
     steps = 10
-    schedule = ddim_step_schedule(model.scheduler, steps, model.device)
+    from fastdag.config import SampleConfig
+
+    sampler = model.make_sampler(steps, SampleConfig(eta=0.0), backend="reference")
     gen = torch.Generator().manual_seed(3)
     x_T = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(3))
-    from functools import partial
-
-    from fastdag import kernels
-
-    ours = generate_images(model, schedule, ["", ""], guidance_scale=1.0, eta=0.0, uncond=None,
-                           step_fn=partial(kernels.ddim_step, backend="reference", **model.step_kwargs), generator=gen)
+    ours = generate_images(model, sampler, ["", ""], guidance_scale=1.0, uncond=None, generator=gen)
     sch = DDIMScheduler.from_config(model.scheduler.config)
     sch.set_timesteps(steps)
     x = x_T.clone()

@@ -2,11 +2,15 @@
 2-process runs (torchrun and the deepspeed launcher, gloo) against a 1-process run with the same global batch."""
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import pytest
 import torch
@@ -200,3 +204,47 @@ def test_two_process_resume_is_exact(tmp_path, two_process_run):
     a, b = _weights(resumed / "checkpoints/epoch-0002"), _weights(ref / "checkpoints/epoch-0002")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _digests(resumed / "checkpoints/epoch-0002") == _digests(ref / "checkpoints/epoch-0002")
+
+
+def _child_with_rank(parent: int, rank: int) -> Optional[int]:
+    """The PID of ``parent``'s child process launched as RANK=``rank`` (Linux /proc), or None."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in environ:
+            return int(stat.parent.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads Linux's /proc")
+def test_the_rank_that_survives_a_killed_one_stops_with_the_resume_hint(tmp_path):
+    """Rank 1 is killed while rank 0 writes the epoch-2 checkpoint; torchrun sends SIGTERM to the survivor, which
+    exits with status 2 and the resume hint naming epoch 1 (it used to die of the signal, silently), and epoch 1
+    stays a usable checkpoint."""
+    from fastdag.checkpoint import STALL_ENV, STALL_MARKER, engine_meta, newest_usable_checkpoint
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    env[STALL_ENV] = "epoch-0002"  # rank 0 stalls in that save, rank 1 waits for it at the barrier
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "fastdag/train.py", "--config", str(CONFIG), *RUN, *TORCHRUN_DB, "train.epochs=3",
+           "checkpoint.every_n_epochs=1", f"logging.output_dir={tmp_path}", "logging.run_name=run"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    stalled = tmp_path / "run/checkpoints/epoch-0002.tmp" / STALL_MARKER
+    deadline = time.monotonic() + 400
+    while not stalled.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "the epoch-2 save did not start in 400 s"
+        time.sleep(0.1)
+    rank1 = _child_with_rank(proc.pid, 1)
+    assert rank1 is not None
+    os.kill(rank1, signal.SIGKILL)
+    _, err = proc.communicate(timeout=180)
+    hint = (f"fastdag: terminated (SIGTERM); {tmp_path}/run/checkpoints/epoch-0001 is the latest checkpoint: continue "
+            f"with train.resume=latest logging.output_dir={tmp_path} logging.run_name=run")
+    assert hint in err.splitlines(), err[-3000:]
+    assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s*\n\s*exitcode\s*: 2 ", err), err[-3000:]  # torchrun's summary
+    latest, _ = newest_usable_checkpoint(tmp_path / "run/checkpoints", World(size=2), engine_meta("deepspeed", 2))
+    assert latest == tmp_path / "run/checkpoints/epoch-0001"

@@ -1,11 +1,11 @@
 """The flow network against the official code's ConditionalFlow, rebuilt here from alignment/flow.py (the diffusers
-blocks it calls, with its arguments), independently of fastdag.flow."""
+blocks it calls, with its arguments), independently of fastdag.objectives.flow_network."""
 import pytest
 import torch
 from torch import nn
 
 from fastdag.config import FlowConfig
-from fastdag.flow import FlowNetwork
+from fastdag.objectives.flow_network import FlowNetwork
 
 
 class OfficialConditionalFlow(nn.Module):

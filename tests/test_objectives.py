@@ -65,7 +65,7 @@ def test_ddpo_is_ppo_on_advantages():
     ratio = torch.exp(terms.log_pf - terms.log_pf_old)
     adv = terms.advantages
     torch.testing.assert_close(loss, torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean())
-    from fastdag.advantages import epoch_normalised
+    from fastdag.objectives.advantages import epoch_normalised
 
     torch.testing.assert_close(epoch_normalised(torch.tensor([1.0, 2.0, 3.0])), torch.tensor([-1.0, 0.0, 1.0]))
 

@@ -94,7 +94,8 @@ def test_profile_command_rejects_a_bad_key(capsys):
 
 
 def test_cuda_graphs_on_cpu_log_once_and_run_eager(tmp_path, monkeypatch, caplog):
-    from fastdag import models, rollout
+    from fastdag import rollout
+    from fastdag.families import base as models
 
     def no_graphs(*a, **k):
         raise AssertionError("a CUDA graph was constructed on a CPU")
@@ -104,14 +105,14 @@ def test_cuda_graphs_on_cpu_log_once_and_run_eager(tmp_path, monkeypatch, caplog
     rewards = {}
     for graphs in (False, True):
         trainer = tiny_trainer(tmp_path, f"sample.cuda_graphs={str(graphs).lower()}", "sample.num_batches_per_epoch=2")
-        with caplog.at_level(logging.WARNING, logger="fastdag.models"):
+        with caplog.at_level(logging.WARNING, logger="fastdag.families.base"):
             rewards[graphs] = trainer.sample_epoch().rewards
     assert sum("CUDA graphs need a CUDA device" in r.message for r in caplog.records) == 1
     torch.testing.assert_close(rewards[True], rewards[False], rtol=0, atol=0)
 
 
 def test_xformers_falls_back_to_sdpa_once(tmp_path, monkeypatch, caplog):
-    from fastdag import models
+    from fastdag.families import base as models
 
     class FakeOps:
         @staticmethod
@@ -124,7 +125,7 @@ def test_xformers_falls_back_to_sdpa_once(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "xformers.ops", FakeOps)
     monkeypatch.setattr(models, "_LOGGED", set())
     assert models.xformers_works(torch.device("cpu"), torch.float32)[0] is False
-    with caplog.at_level(logging.WARNING, logger="fastdag.models"):
+    with caplog.at_level(logging.WARNING, logger="fastdag.families.base"):
         trainer = tiny_trainer(tmp_path, "model.attention=xformers")
         assert trainer.model.set_attention("xformers") == "sdpa"
     assert trainer.model.attention == "sdpa"

@@ -139,15 +139,15 @@ def _kill(proc: subprocess.Popen) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-def _resume_to_the_end(tmp_path, reference, expect_from: str) -> None:
-    proc = _train_cli(tmp_path, "train.resume=latest")
+def _resume_to_the_end(tmp_path, reference, expect_from: str, extra: tuple[str, ...] = (), epochs: int = 4) -> None:
+    proc = _train_cli(tmp_path, *extra, "train.resume=latest")
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert f"resumed from {tmp_path / 'run/checkpoints' / expect_from} " in err, err[-2000:]
     run = tmp_path / "run"
-    assert rows_of(run) == rows_of(reference)  # epochs 1..4, each once, as the uninterrupted run
-    assert_same_weights(run / "checkpoints/epoch-0004", reference / "checkpoints/epoch-0004")
-    assert [e for e, _ in complete_checkpoints(run / "checkpoints")] == [1, 2, 3, 4]
+    assert rows_of(run) == rows_of(reference)  # epochs 1..N, each once, as the uninterrupted run
+    assert_same_weights(run / f"checkpoints/epoch-{epochs:04d}", reference / f"checkpoints/epoch-{epochs:04d}")
+    assert [e for e, _ in complete_checkpoints(run / "checkpoints")] == list(range(1, epochs + 1))
     assert not list((run / "checkpoints").glob("*.tmp")), "the crashed save's leftovers are cleared"
 
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from fastdag.models import ddim_step_schedule, step_weights
-from fastdag.presets import sd15_ddim_scheduler
+from fastdag.samplers import ddim_step_schedule, step_weights
+from fastdag.families.presets import sd15_ddim_scheduler
 from fastdag.kernels.ddim_step import ddim_step_reference
 
 
@@ -28,9 +28,9 @@ def test_score_scale_is_the_gradient_of_log_pf_per_unit_noise(eta):
 
 def test_score_scale_weights():
     s = schedule()
-    w = step_weights(s, 1.0, "score_scale")
+    w = step_weights(s.score_scale(1.0), "score_scale")
     assert w.shape == (20,) and torch.all(w > 0) and w.mean().item() == pytest.approx(1.0)
     # the second-to-last step of a 20-step SD schedule is the one whose gradient would dominate
     assert w.argmin().item() == 18 and w[18] < 0.25 * w.median()
-    assert step_weights(s, 1.0, "uniform") is None
-    assert step_weights(s, 0.0, "score_scale") is None  # deterministic steps: no density, nothing to weigh
+    assert step_weights(s.score_scale(1.0), "uniform") is None
+    assert step_weights(s.score_scale(0.0), "score_scale") is None  # deterministic steps: no density, nothing to weigh

@@ -70,7 +70,7 @@ def test_rollout_cache_and_recompute_give_the_same_first_minibatch_loss(tmp_path
 def test_saved_lora_loads_with_diffusers(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from fastdag.presets import tiny_text_to_image_pipeline
+    from fastdag.families.presets import tiny_text_to_image_pipeline
 
     trainer = Trainer(tiny_cfg(tmp_path, "train.learning_rate=1e-2"))
     trainer.fit()

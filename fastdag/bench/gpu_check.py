@@ -347,7 +347,9 @@ def _bandwidth_stage(ctx: Context) -> None:
 
 def _kernels_stage(ctx: Context) -> None:
     """The kernel tests: compiled Triton on CUDA tensors (on the CPU rehearsal: the interpreter)."""
-    tests = ["tests/test_kernels_ddim_step.py", "tests/test_kernels_db_residual.py", "tests/test_kernels_dispatch.py"]
+    # every kernel file's tests (test_kernels_compile's ahead-of-time sm_90 build is what running them does here)
+    tests = sorted(f"tests/{p.name}" for p in (harness.REPO_ROOT / "tests").glob("test_kernels_*.py")
+                   if p.name != "test_kernels_compile.py")
     try:
         import diffusers  # noqa: F401  (test_ddim_settings compares against DDIMScheduler)
 
@@ -585,38 +587,39 @@ class Stage:
 # estimated H200 cost (sd15, bf16; in `why`, with ~30 % margin) over that rehearsal: estimates until a GPU run
 # measures them (then: limit = measured x 1.5). docs/results/2026-12-05-gpu-check-rehearsal.md has the run and table.
 STAGES: dict[str, Stage] = {
-    "install": Stage(_install_stage, "pip-install .whl/, then which carried packages import", 6.3, 4.7,
+    "install": Stage(_install_stage, "pip-install .whl/, then which carried packages import", 7.1, 4.2,
                      "~20 s: pip --no-deps --no-compile of 10 wheels (15 MB; 0.9 s here) + importing diffusers, peft, "
                      "deepspeed, bitsandbytes (its CUDA library) in one process"),
-    "throughput": Stage(_throughput_stage, "P2-P4: fastdag vs official-cost epochs, rollout / UNet-only, MFU", 8.7,
-                        17.8, "~120 s: 2 sd15 builds (~12 s each: 1.07 B parameters initialised on the CPU, ~7 s on 2 "
+    "throughput": Stage(_throughput_stage, "P2-P4: fastdag vs official-cost epochs, rollout / UNet-only, MFU", 9.5,
+                        16.3, "~120 s: 2 sd15 builds (~12 s each: 1.07 B parameters initialised on the CPU, ~7 s on 2 "
                         "cores here) + a FLOP-counted warm-up and a timed epoch per mode (~3.5 PFLOP fastdag, ~6.5 "
                         "official at ~350 TFLOP/s, plus JPEG rewards: ~10 s and ~25 s an epoch)",
                         ("diffusers", "peft"),
                         ("*.epoch_seconds", "official.official_over_fastdag_epoch", "*.rollout_over_unet_only", "*.mfu",
                          "*.peak_memory_mib", "official.same_first_epoch_rewards", "official.first_epoch_reward_max_*",
                          "fastdag.unet_only_traj_per_s", "device.matmul_tflops")),
-    "bandwidth": Stage(_bandwidth_stage, "P5: fused DDIM step vs eager PyTorch and a device copy", 1.8, 16,
+    "bandwidth": Stage(_bandwidth_stage, "P5: fused DDIM step vs eager PyTorch and a device copy", 2.0, 15,
                        "~15 s: start-up, Triton JIT of the step's forward and backward kernels, 2 batch sizes x 2 "
                        "modes x 2 providers x 25 calls of a few ms"),
-    "kernels": Stage(_kernels_stage, "kernel tests on compiled Triton (CUDA tensors)", 23.0, 2.6,
-                     "~35 s: 8 pytest-xdist workers (imports ~8 s), ~150 Triton specialisations JIT-compiled "
-                     "(~0.5 s each, cold cache), 204 tests of milliseconds", headline=("kernel_tests", "test_*")),
-    "epochs": Stage(_epochs_stage, "DAG-DB and DAG-KL epoch, bf16, DeepSpeed ZeRO-2", 9.2, 9.7,
+    "kernels": Stage(_kernels_stage, "kernel tests on compiled Triton (CUDA tensors)", 34.5, 1.7,
+                     "~40 s: 8 pytest-xdist workers (imports ~8 s), ~200 Triton specialisations JIT-compiled "
+                     "(~0.5 s each, cold cache), 278 tests of milliseconds", headline=("kernel_tests", "test_*")),
+    "epochs": Stage(_epochs_stage, "DAG-DB and DAG-KL epoch, bf16, DeepSpeed ZeRO-2", 8.9, 10.1,
                     "~70 s: 2 x (sd15 build ~12 s + DeepSpeed init ~3 s + a first epoch ~15 s) + start-up",
                     ("diffusers", "peft", "deepspeed"),
                     ("*.epoch_seconds", "*.peak_memory", "*.loss", "*.kl_loss", "*.finite", "*.logp_mismatch_max")),
-    "graphs": Stage(_graphs_stage, "eager vs CUDA-graph denoising at batch 1 and 8", 6.7, 7.4,
+    "graphs": Stage(_graphs_stage, "eager vs CUDA-graph denoising at batch 1 and 8", 6.9, 7.2,
                     "~42 s: 1 sd15 build + 5 eager and 5 graphed 50-step rollouts at batch 1 (~0.5 s each) and 8 "
                     "(~1.6 s each)", ("diffusers", "peft")),
     "attention": Stage(_attention_stage, "SDPA backends at SD 1.5's attention; whether xformers loads", 1.5, 10,
                        "~8 s: start-up and CUDA init, 4 SDPA backends x 13 calls at 16x8x4096x40 (math ~10 ms a call)"),
-    "adamw8bit": Stage(_adamw8bit_stage, "bitsandbytes AdamW8bit: one step, one tiny epoch", 3.6, 6.9,
+    "adamw8bit": Stage(_adamw8bit_stage, "bitsandbytes AdamW8bit: one step, one tiny epoch", 3.9, 6.4,
                        "~18 s: bitsandbytes' CUDA library, one step, a tiny build and epoch on the GPU (Triton JIT)",
                        ("bitsandbytes", "diffusers", "peft")),
-    "nvml": Stage(_nvml_stage, "NVML telemetry idle and under load", 1.2, 12,
+    "nvml": Stage(_nvml_stage, "NVML telemetry idle and under load", 1.4, 10.7,
                   "~9 s: start-up and CUDA init + 3 s of bf16 matmuls", ("pynvml",),
-                  ("nvml", "driver", "power_limit_w", "load.*.max", "load.sm_clock_mhz.min", "load.clock_event_reasons")),
+                  ("nvml", "driver", "power_limit_w", "load.*.max", "load.sm_clock_mhz.min",
+                   "load.clock_event_reasons")),
 }
 
 
@@ -664,7 +667,7 @@ def _parameter_line(preset: str) -> str:
     if preset != "sd15":
         return ""
     try:  # imports diffusers: only once the carried wheels are installed (or in a dry run, where they are not)
-        from fastdag.presets import sd15_parameter_counts
+        from fastdag.families.presets import sd15_parameter_counts
 
         counts = sd15_parameter_counts()
     except ImportError as e:

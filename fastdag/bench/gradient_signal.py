@@ -37,7 +37,7 @@ def trajectories_per_unit_snr(cosine: float, per_group: int) -> float:
 
 def measure(config: str, trajectories: int, groups: int, beta: Optional[float], overrides: Sequence[str]) -> dict:
     from fastdag.config import load_config
-    from fastdag.models import step_weights
+    from fastdag.samplers import step_weights
     from fastdag.trainer import Trainer
 
     per_batch = load_config(config, list(overrides)).sample.batch_size  # the overrides may set it
@@ -51,12 +51,11 @@ def measure(config: str, trajectories: int, groups: int, beta: Optional[float], 
         raise SystemExit("gradient-signal measures the DAG-DB policy gradient: use a config with dag.algorithm: db")
     trainer = Trainer(cfg)
     beta = cfg.dag.beta if beta is None else beta
-    params = [p for p in trainer.model.unet.parameters() if p.requires_grad]
+    params = [p for p in trainer.model.denoiser.parameters() if p.requires_grad]
     t0 = time.perf_counter()
     trajs = trainer.sample_epoch()
     n, T = len(trajs), trajs.num_steps
-    weights = {"uniform": torch.ones(T), "score_scale": step_weights(trainer.schedule, cfg.sample.eta, "score_scale",
-                                                                  trainer.model.prediction_type)}
+    weights = {"uniform": torch.ones(T), "score_scale": step_weights(trainer.sampler.score_scale(), "score_scale")}
     # sums[g][s]: group g's summed policy gradient at step s (unweighted; weightings combine the steps afterwards)
     sums = [[None] * T for _ in range(groups)]
     for s in range(T):

@@ -68,7 +68,7 @@ def _terms(trainer, trajs, beta: float) -> tuple[dict[str, torch.Tensor], dict[s
     delta = DagDB(0.0).residuals(terms) if trainer.flow is not None else None  # log p_F live: θ's DB gradient
     out = {"log_pf": terms.log_pf.detach(), "log_pb": terms.log_pb.detach()}
     grads: dict[str, torch.Tensor] = {}
-    lora = [p for p in trainer.model.unet.parameters() if p.requires_grad]
+    lora = [p for p in trainer.model.denoiser.parameters() if p.requires_grad]
     flow = list(trainer.flow.parameters()) if trainer.flow is not None else []
     if delta is not None:
         out.update(log_flow_t=terms.log_flow_t.detach(), log_flow_prev=terms.log_flow_prev.detach(),

@@ -110,13 +110,13 @@ def count_epoch_flops(trainer, beta: float) -> int:
 
 @torch.no_grad()
 def unet_only_seconds(trainer, batch: int, warmup: int, repeat: int) -> float:
-    """Median seconds of one CFG UNet forward at ``batch`` trajectories: the rollout's ceiling per step."""
+    """Median seconds of one guided denoiser forward at ``batch`` trajectories: the rollout's ceiling per step."""
     model, cfg = trainer.model, trainer.cfg
     x = torch.randn((batch, *model.latent_shape), device=model.device)
-    t = trainer.schedule.timesteps[:1].expand(batch)
+    t = trainer.sampler.timesteps[:1].expand(batch)
     cond = model.encode_prompts(trainer.prompts.sample(batch))
-    model.unet.eval()
-    timing = harness.time_fn(lambda: model.predict_eps(x, t, cond, trainer.uncond, cfg.sample.guidance_scale),
+    model.denoiser.eval()
+    timing = harness.time_fn(lambda: model.predict(x, t, cond, trainer.uncond, cfg.sample.guidance_scale),
                              trainer.device, warmup=warmup, repeat=repeat, flush_bytes=0)
     return timing.median_ms / 1e3
 
@@ -128,12 +128,11 @@ def rollout_batch_seconds(trainer, batch: int, cuda_graphs: bool, warmup: int, r
 
     cfg = trainer.cfg
     prompts = trainer.prompts.sample(batch)
-    trainer.model.unet.eval()
+    trainer.model.denoiser.eval()
 
     def run():
-        rollout_batch(trainer.model, trainer.schedule, prompts, guidance_scale=cfg.sample.guidance_scale,
-                      eta=cfg.sample.eta, reduce=cfg.dag.reduce, uncond=trainer.uncond, step_fn=trainer.ddim_step,
-                      generator=trainer.noise, keep_xhat=True, cuda_graphs=cuda_graphs)
+        rollout_batch(trainer.model, trainer.sampler, prompts, guidance_scale=cfg.sample.guidance_scale,
+                      uncond=trainer.uncond, generator=trainer.noise, keep_xhat=True, cuda_graphs=cuda_graphs)
 
     return harness.time_fn(run, trainer.device, warmup=warmup, repeat=repeat, flush_bytes=0).median_ms / 1e3
 
@@ -290,7 +289,7 @@ def run(argv: Optional[Sequence[str]] = None, on_row: Optional[Callable[[dict[st
             trainer.timer = PhaseTimer(enabled=False, device=device)
 
     ref = trainers.get("fastdag", any_trainer)
-    b, T = ref.cfg.sample.batch_size, ref.schedule.num_steps
+    b, T = ref.cfg.sample.batch_size, ref.sampler.num_steps
     unet_s = unet_only_seconds(ref, b, warmup=2, repeat=args.repeat)
     add("fastdag", "unet_only_traj_per_s", b / (unet_s * T), "traj/s")
     for mode in summary:

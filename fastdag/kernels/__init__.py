@@ -1,4 +1,4 @@
-"""Step math shared by rollout, training, tests and benchmarks: each kernel beside its PyTorch reference.
+"""Step math (DDIM, rectified flow) and the DB residual, shared by rollout, training, tests and benchmarks: each kernel beside its PyTorch reference.
 
 ``fastdag.kernels.dispatch`` (re-exported here) routes each call to the Triton kernel or the reference by backend and
 device. Importing this package does not need Triton; only launching a Triton kernel does.
@@ -13,7 +13,12 @@ from fastdag.kernels.db_residual import (
     rloo_advantages_triton,
 )
 from fastdag.kernels.ddim_step import DDIMStepOutput, ddim_step_reference, ddim_step_triton
-from fastdag.kernels.dispatch import BACKENDS, db_loss, db_residual, ddim_step, resolve_backend, rloo_advantages
+from fastdag.kernels.dispatch import (
+    BACKENDS, db_loss, db_residual, ddim_step, flow_step, resolve_backend, rloo_advantages,
+)
+from fastdag.kernels.flow_step import (
+    FlowCoefficients, FlowStepOutput, flow_step_coefficients, flow_step_reference, flow_step_triton,
+)
 
 __all__ = [
     "BACKENDS",
@@ -28,6 +33,12 @@ __all__ = [
     "ddim_step",
     "ddim_step_reference",
     "ddim_step_triton",
+    "flow_step",
+    "flow_step_coefficients",
+    "flow_step_reference",
+    "flow_step_triton",
+    "FlowCoefficients",
+    "FlowStepOutput",
     "resolve_backend",
     "rloo_advantages",
     "rloo_advantages_reference",

@@ -21,7 +21,7 @@ Both log-densities are reduced over the non-batch dimensions by ``mean`` (the of
 from DDPO: β then acts like β·D against a true density ratio) or ``sum`` (the true log-density).
 
 Dynamic thresholding (``thresholding=True``) needs a per-sample quantile of |x̂_0| and is refused when a model is
-loaded (``fastdag.models``), as is any other prediction type.
+loaded (``fastdag.samplers.ddim.step_settings``), as is any other prediction type.
 
 A step whose σ is zero (η = 0, or ᾱ_{t−1} = ᾱ_t) is deterministic and has no density: its ``log_pf`` is defined
 as 0 with no gradient, and likewise ``log_pb`` where the backward variance is zero. Nothing becomes inf or NaN.

@@ -24,6 +24,7 @@ from fastdag.kernels.db_residual import (
     rloo_advantages_triton,
 )
 from fastdag.kernels.ddim_step import DDIMStepOutput, ddim_step_reference, ddim_step_triton
+from fastdag.kernels.flow_step import FlowCoefficients, FlowStepOutput, flow_step_reference, flow_step_triton
 
 BACKENDS = ("auto", "triton", "reference")
 Backend = Literal["auto", "triton", "reference"]
@@ -65,6 +66,20 @@ def ddim_step(
     fn = ddim_step_triton if resolve_backend(backend, x_t.device) == "triton" else ddim_step_reference
     return fn(eps, x_t, alpha_t, alpha_prev, eta, x_prev=x_prev, noise=noise, reduce=reduce,
               prediction_type=prediction_type, clip_sample_range=clip_sample_range)
+
+
+def flow_step(
+    v: torch.Tensor,
+    x: torch.Tensor,
+    coefficients: FlowCoefficients,
+    x_prev: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
+    reduce: str = "mean",
+    backend: Backend = "auto",
+) -> FlowStepOutput:
+    """:func:`fastdag.kernels.flow_step.flow_step_reference` or its Triton twin, chosen by ``backend`` for x's device."""
+    fn = flow_step_triton if resolve_backend(backend, x.device) == "triton" else flow_step_reference
+    return fn(v, x, coefficients, x_prev=x_prev, noise=noise, reduce=reduce)
 
 
 def db_residual(

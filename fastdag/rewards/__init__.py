@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from fastdag.config import ConfigError
+from fastdag.errors import short_repr
 
 
 class RewardFn(Protocol):
@@ -159,7 +160,7 @@ def build_reward(name: str, kwargs: dict[str, Any]) -> RewardFn:
     try:
         return REWARDS[name](**kwargs)
     except TypeError as e:
-        raise ConfigError(f"reward.kwargs: {name} does not accept {kwargs} ({e})") from None
+        raise ConfigError(f"reward.kwargs: {name} does not accept {short_repr(kwargs)} ({e})") from None
 
 
 class CheckedReward:

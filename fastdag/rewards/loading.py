@@ -55,13 +55,14 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file or a torch pickle (``weights_only=True``: no code runs), on the CPU;
     a ``{"state_dict": ...}`` wrapper and DataParallel's ``module.`` prefix are removed."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from fastdag.state_io import load_tensors
 
-        return load_file(str(path))
+        return load_tensors(path, "reward.kwargs.model")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"reward.kwargs.model: cannot read {path} as a weights-only checkpoint ({e})") from None
+    except Exception as e:  # noqa: BLE001 - a truncated zip, a refused pickle global, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"reward.kwargs.model: cannot read {path} as a weights-only checkpoint ({first})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

@@ -40,13 +40,20 @@ def prompt_sets() -> dict[str, tuple[list[str], int]]:
     }
 
 
-def measure(pipe, seed: int = 0, eta: float = 1.0, num_steps: int = 20, guidance_scale: float = 5.0, judge=None) -> dict:
-    """Samples every set of `prompt_sets` and summarises it with the judge; adds the bars' verdicts."""
+def measure(pipe, seed: int = 0, eta: float = 1.0, num_steps: int = 20, guidance_scale: float = 5.0, judge=None,
+            sample_fn=None) -> dict:
+    """Samples every set of `prompt_sets` and summarises it with the judge; adds the bars' verdicts.
+
+    ``sample_fn(pipe, prompts, k, num_steps, guidance_scale, seed) -> (images, prompts)`` samples (default: the
+    pipeline's own call with DDIM at ``eta``; shapes-flow-tiny passes fastdag's flow sampler)."""
     from fastdag.toy.pretrain import sample_pipeline
 
     figures: dict = {"settings": {"seed": seed, "eta": eta, "num_steps": num_steps, "guidance_scale": guidance_scale}}
     for name, (prompts, k) in prompt_sets().items():
-        images, repeated = sample_pipeline(pipe, prompts, k, num_steps, guidance_scale, seed, eta)
+        if sample_fn is None:
+            images, repeated = sample_pipeline(pipe, prompts, k, num_steps, guidance_scale, seed, eta)
+        else:
+            images, repeated = sample_fn(pipe, prompts, k, num_steps, guidance_scale, seed)
         figures[name] = judge_summary(images, repeated, judge)
     full = figures["heldout_full"]["stated_accuracy"]
     # Pooled over a set's samples, and the mean over its prompts of each prompt's own samples: the pooled figure

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fastdag.presets import sd_pipeline, small_clip_text_encoder, small_vae, word_level_clip_tokenizer
+from fastdag.families.presets import sd_pipeline, small_clip_text_encoder, small_vae, word_level_clip_tokenizer
 from fastdag.toy.reward import ShapesAlignmentReward
 from fastdag.toy.world import ATTRIBUTE_DROPOUT, parse_caption, sample_batch, shapes_prompts, world_vocabulary
 
@@ -126,7 +126,7 @@ class Recipe:
 def world_tokenizer(max_length: int = 24):
     """A real ``CLIPTokenizer`` (byte-level BPE, CLIP's vocabulary format) that spells each world word as one token.
 
-    `fastdag.presets.word_level_clip_tokenizer` with the merge chains of longer words first: in
+    `fastdag.families.presets.word_level_clip_tokenizer` with the merge chains of longer words first: in
     alphabetical order the merge "a n" (from "and") outranks "or a", so "orange" and "triangle" come apart into
     four or six pieces. Raises RuntimeError if some word still is not one token.
     """
