@@ -107,3 +107,19 @@ def test_sd15_architecture_runs_at_reduced_width():
     assert eps.shape == (2, 4, 8, 8) and torch.isfinite(eps).all()
     img = model.decode(x)
     assert img.shape == (2, 3, 64, 64) and 0 <= img.min() and img.max() <= 1
+
+
+def test_first_epoch_rewards_are_compared_like_with_like():
+    """Triton-sampled and reference-sampled epochs differ in the last bits: no 'same rewards' verdict across them."""
+    from types import SimpleNamespace
+
+    def trainer(backend, graphs=False):
+        cfg = SimpleNamespace(kernels=SimpleNamespace(backend=backend), sample=SimpleNamespace(cuda_graphs=graphs))
+        return SimpleNamespace(cfg=cfg, device=torch.device("cpu"))
+
+    assert throughput.sampled_alike(trainer("auto"), trainer("reference"))  # auto is the reference on a CPU
+    assert not throughput.sampled_alike(trainer("reference"), trainer("reference", graphs=True))
+    from fastdag.kernels._compat import HAS_TRITON, INTERPRETED
+
+    if HAS_TRITON and INTERPRETED:  # backend=triton runs here (in the interpreter): unlike the reference
+        assert not throughput.sampled_alike(trainer("triton"), trainer("reference"))

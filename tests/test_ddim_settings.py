@@ -9,11 +9,11 @@ from typing import Optional
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from kernel_testing import DEVICE, requires_triton
 
 from fastdag.config import ConfigError, LoraConfig, ModelConfig
 from fastdag.families import build_model
 from fastdag.samplers import ddim_step_schedule, step_settings
-from fastdag.kernels import HAS_TRITON
 from fastdag.kernels.ddim_step import PREDICTION_TYPES, ddim_step_reference, ddim_step_triton
 
 CLIPS = [None, 1.0, 0.5]
@@ -92,13 +92,15 @@ def test_log_prob_of_a_diffusers_sampled_transition_equals_the_official_formula(
     torch.testing.assert_close(ours.log_pf, expected.float(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (the interpreter runs it on a CPU)")
+@requires_triton
 @pytest.mark.parametrize("mode", ["scoring", "sampling"])
 @pytest.mark.parametrize("clip", CLIPS)
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_triton_twin_matches_reference_with_gradients(prediction_type, clip, mode):
+    """On the device the kernel tests share (tests/kernel_testing.py): CUDA for compiled Triton, else the CPU."""
     sch = scheduler(prediction_type, clip)
-    t, x_t, out, noise, a_t, a_prev = inputs(5, sch)
+    t, *tensors = inputs(5, sch)
+    x_t, out, noise, a_t, a_prev = (x.to(DEVICE) for x in tensors)
     x_prev = ddim_step_reference(out, x_t, a_t, a_prev, 1.0, noise=noise).x_prev if mode == "scoring" else None
     kw = dict(x_prev=x_prev, noise=None if x_prev is not None else noise, prediction_type=prediction_type,
               clip_sample_range=clip)
@@ -106,7 +108,8 @@ def test_triton_twin_matches_reference_with_gradients(prediction_type, clip, mod
     for fn in (ddim_step_reference, ddim_step_triton):
         o = out.clone().requires_grad_(True)
         res = fn(o, x_t, a_t, a_prev, 1.0, **kw)
-        (res.log_pf.sum() + (res.x0_pred * torch.linspace(-1, 1, res.x0_pred.numel()).view_as(x_t)).sum()).backward()
+        weights = torch.linspace(-1, 1, res.x0_pred.numel(), device=DEVICE).view_as(x_t)
+        (res.log_pf.sum() + (res.x0_pred * weights).sum()).backward()
         grads.append(o.grad)
         outs.append(res)
     for name in ("x_prev", "log_pf", "log_pb", "x0_pred"):

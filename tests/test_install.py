@@ -17,6 +17,7 @@ from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "requirements.lock"
+GPU_LOCK = REPO / "requirements-gpu.lock"
 SITE = Path(sysconfig.get_paths()["purelib"]).resolve()
 # A transformers model load imports Hugging Face's kernels (transformers/integrations/hub_kernels.py).
 LOAD_A_MODEL = ("from transformers import CLIPTextConfig, CLIPTextModel; "
@@ -152,11 +153,13 @@ def test_the_lock_check_names_a_drifted_package(tmp_path):
 def test_the_gpu_lock_carries_the_versions_the_cpu_suite_tested():
     """requirements-gpu.lock: exact pins; where requirements.lock has the package, the same version; inside setup.py's
     ranges (install_requires and the gpu extra) where those name it."""
-    from fastdag.bench.gpu_check import carried_pins
+    from fastdag.bench.gpu_check import STRIP, carried_pins
 
-    pins = {re.sub(r"[-_.]+", "-", p.split("==")[0]).lower(): p.split("==")[1] for p in carried_pins(optional=True)}
+    pins = {re.sub(r"[-_.]+", "-", p.split("==")[0]).lower(): p.split("==")[1] for p in carried_pins()}
     assert {"diffusers", "peft", "deepspeed", "bitsandbytes"} <= set(pins)
-    assert "bitsandbytes" not in {p.split("==")[0] for p in carried_pins(optional=False)}
+    stripped = {line.split("==")[0] for line in GPU_LOCK.read_text().splitlines()
+                if "# stripped" in line and not line.startswith("#")}
+    assert stripped == set(STRIP) == {"bitsandbytes"}  # what the lock says is stripped is what the code strips
     cpu = _lock()
     for name, version in pins.items():
         assert re.fullmatch(r"[0-9][0-9A-Za-z.]*", version), f"{name}: {version} is not an exact version"

@@ -7,7 +7,7 @@
     fastdag bench xhat-modes [...]                      # fastdag.bench.bench_xhat_modes
     fastdag bench gradient-signal [...]                 # signal vs noise in one epoch's DB gradient
     fastdag bench precision [...]                       # bf16 vs fp32 terms and gradients, same trajectories
-    fastdag bench gpu-check [--dry-run | --prepare-wheels]  # everything that needs a GPU, one command
+    fastdag bench gpu-check [--dry-run | --rehearse | --prepare-wheels]  # all that needs a GPU, one command
     fastdag bench sample-efficiency --config C [...]    # algorithms at equal trajectory budgets
 """
 from __future__ import annotations

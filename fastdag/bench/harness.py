@@ -169,8 +169,15 @@ def versions() -> dict[str, str]:
     return {"torch_version": torch.__version__, "triton_version": triton_version}
 
 
+GIT_REVISION_ENV = "FASTDAG_GIT_REVISION"
+
+
 def git_revision() -> str:
-    """Short HEAD revision, or ``unknown`` outside a git checkout (or without git)."""
+    """The code's revision: ``$FASTDAG_GIT_REVISION`` when set (a copied tree without ``.git``, e.g. on a lent GPU
+    machine, gets it from the command that launched it), else the short HEAD revision, else ``unknown``."""
+    passed = os.environ.get(GIT_REVISION_ENV, "").strip()
+    if passed:
+        return passed
     try:
         result = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10

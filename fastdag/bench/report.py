@@ -103,8 +103,14 @@ def summary(results: PathLike, path: Optional[PathLike] = None, run_id: Optional
         lines.append("")
         off = metrics.get("official", {})
         if "official_over_fastdag_epoch" in off:
-            lines.append(f"- official-cost / fastdag epoch time: **{off['official_over_fastdag_epoch']:.2f}×** "
-                         f"(same first-epoch rewards: {'yes' if off.get('same_first_epoch_rewards') else 'no'})")
+            if "same_first_epoch_rewards" in off:
+                same = f"same first-epoch rewards: {'yes' if off['same_first_epoch_rewards'] else 'no'}"
+            else:  # recorded only where both modes sample with the same DDIM-step implementation
+                same = "first-epoch rewards sampled by different DDIM-step implementations"
+                if "first_epoch_reward_max_abs_diff" in off:
+                    same += f", max difference {off['first_epoch_reward_max_abs_diff']:.3g}"
+            ratio = off["official_over_fastdag_epoch"]
+            lines.append(f"- official-cost / fastdag epoch time: **{ratio:.2f}×** ({same})")
         dev = metrics.get("device", {})
         if "matmul_tflops" in dev:
             lines.append(f"- measured matmul rate (MFU denominator): {dev['matmul_tflops']:.3g} TFLOP/s")
