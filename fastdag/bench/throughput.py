@@ -53,7 +53,33 @@ PRESETS: dict[str, dict[str, Any]] = {
                       "dag.beta=100"],
         "graph_batches": [1, 2, 8],
     },
+    # Flow-GRPO's training settings: 512 px, 10 SDE steps, LoRA r 32 / alpha 64 on the MM-DiT attention
+    "sd35m": {
+        "doc": "sd35-medium-random (SD3.5 Medium's architecture, random weights initialised on the GPU, bf16), 512 px, "
+               "10 flow-SDE steps, CFG 4.5, batch 8",
+        "overrides": [*_COMMON, "model.pretrained=sd35-medium-random", "model.resolution=512",
+                      "model.offload_text_encoders=true", "lora.rank=32", "lora.alpha=64", "sample.num_steps=10",
+                      "sample.guidance_scale=4.5", "sample.batch_size=8", "sample.num_batches_per_epoch=1",
+                      "train.batch_size=8", "train.gradient_accumulation_steps=1", "dag.beta=100"],
+        "graph_batches": [1, 8],
+    },
+    "flux-dev": {
+        "doc": "flux-dev-random (FLUX.1-dev's architecture, random weights initialised on the GPU, bf16), 512 px, "
+               "10 flow-SDE steps, distilled guidance 3.5, batch 4",
+        "overrides": [*_COMMON, "model.pretrained=flux-dev-random", "model.resolution=512",
+                      "model.offload_text_encoders=true", "lora.rank=32", "lora.alpha=64", "sample.num_steps=10",
+                      "sample.guidance_scale=3.5", "sample.batch_size=4", "sample.num_batches_per_epoch=1",
+                      "train.batch_size=4", "train.gradient_accumulation_steps=1", "dag.beta=100"],
+        "graph_batches": [1, 4],
+    },
 }
+# A CPU row per family: the tiny preset's sizes on each family's tiny model
+for _family in ("sdxl", "sd3", "flux"):
+    PRESETS[f"tiny-{_family}"] = {
+        "doc": f"tiny-random-{_family}, the tiny preset's sizes; CPU-sized",
+        "overrides": [*PRESETS["tiny"]["overrides"], f"model.pretrained=tiny-random-{_family}"],
+        "graph_batches": [1, 2, 8],
+    }
 MODES: dict[str, list[str]] = {
     "fastdag": [],
     "official": ["dag.xhat_rewards=recompute", "kernels.backend=reference", "sample.cuda_graphs=false",
