@@ -22,15 +22,34 @@ def test_measures_a_tiny_run_and_writes_markdown(tmp_path):
     gradient_signal.main(["--config", "configs/tiny_random_compress.yaml", "--trajectories", "8", "--groups", "2",
                           "--out", str(out), "sample.num_steps=4", "sample.batch_size=4"])
     text = out.read_text()
-    assert "| uniform |" in text and "| score_scale |" in text and text.count("\n| 3 |") == 1
+    assert "| db.uniform |" in text and "| kl.score_scale |" in text and text.count("\n| 3 |") == 1
+    assert "Cosine between the DB and the KL epoch gradients: uniform" in text
     result = gradient_signal.measure("configs/tiny_random_compress.yaml", 8, 2, None,
                                      ["sample.num_steps=4", "sample.batch_size=4"])
     assert result["trajectories"] == 8  # sample.batch_size=4 from the overrides: two rollout batches
     for row in result["weightings"].values():
         assert -1 <= row["cosine"] <= 1 and sum(row["step_share"]) == pytest.approx(1.0)
+    assert set(result["weightings"]) == {"db.uniform", "db.score_scale", "kl.uniform", "kl.score_scale"}
+    assert all(-1 <= c <= 1 for c in result["db_kl_cosine"].values()) and result["residual_abs_mean"] > 0
+
+
+def test_measures_a_checkpoint_at_its_beta(tmp_path):
+    from fastdag.config import load_config
+    from fastdag.trainer import Trainer
+
+    overrides = ["sample.num_steps=4", "sample.batch_size=4", "sample.num_batches_per_epoch=1", "train.batch_size=4",
+                 "train.gradient_accumulation_steps=1", "train.epochs=2", "logging.progress=false",
+                 "engine.backend=torch", "dag.flow.block_out_channels=[32,64]", "dag.flow.norm_num_groups=8"]
+    Trainer(load_config("configs/tiny_random_compress.yaml", [*overrides, f"logging.output_dir={tmp_path}",
+                                                                "logging.run_name=run", "checkpoint.every_n_epochs=1"])).fit()
+    result = gradient_signal.measure("configs/tiny_random_compress.yaml", 8, 2, None,
+                                     [*overrides, f"logging.output_dir={tmp_path}"],
+                                     str(tmp_path / "run/checkpoints/epoch-0001"))
+    cfg = load_config("configs/tiny_random_compress.yaml", overrides)
+    assert result["beta"] == pytest.approx(cfg.dag.beta * min(1.0, 1 / (cfg.dag.anneal_fraction * 2)))
 
 
 def test_refuses_other_objectives():
-    with pytest.raises(SystemExit, match="dag.algorithm: db"):
+    with pytest.raises(SystemExit, match="dag.algorithm db or kl"):
         gradient_signal.measure("configs/tiny_random_compress.yaml", 8, 2, None,
                                 ["sample.num_steps=4", "sample.batch_size=4", "dag.algorithm=ddpo"])

@@ -2,6 +2,7 @@
 
     fastdag bench tiny [--epochs N] [key=value ...]     # throughput suite, CPU-sized preset
     fastdag bench sd15 [--epochs N] [key=value ...]     # throughput suite, SD 1.5 architecture (GPU)
+    fastdag bench tiny-sd3 | tiny-flux | tiny-sdxl      # a CPU row per family; sd35m, flux-dev on a GPU
     fastdag bench report [--results R] [--chart C] [--summary S]
     fastdag bench kernels [...]                         # fastdag.bench.bench_kernels
     fastdag bench xhat-modes [...]                      # fastdag.bench.bench_xhat_modes
