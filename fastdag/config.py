@@ -133,7 +133,9 @@ class LoraConfig:
 @dataclass
 class SampleConfig:
     num_steps: int = _f(50, "Sampler steps T per trajectory (paper: 50 DDIM steps; Flow-GRPO: 10 flow steps).")
-    eta: float = _f(1.0, "DDIM eta of the UNet families (paper: 1, the DDPM variance; 0 makes every step deterministic).")
+    eta: float = _f(
+        1.0, "DDIM eta of the UNet families (paper: 1, the DDPM variance; 0 makes every step deterministic)."
+    )
     noise_level: float = _f(
         0.7,
         "Flow-matching families (SD3, FLUX): the SDE noise level a (Flow-GRPO: 0.7); 0 is the deterministic Euler "

@@ -1,9 +1,10 @@
 """Rollouts: sample trajectories with the family's sampler and guidance, recording everything the objectives need.
 
 Family-blind: the model family predicts (``predict``), the sampler steps (``step``, with log p_F and log p_B) and
-turns outputs into x̂_0 (``xhat0``). Per trajectory the policy runs T guided denoiser forwards. With ``xhat_rewards: rollout`` the x̂_0 of every state is
-taken from the *conditional* half of the CFG batch at sampling time (free) and each state is decoded and scored
-once; with ``recompute`` the trainer rescoring happens per transition instead (the official code's cost).
+turns outputs into x̂_0 (``xhat0``). Per trajectory the policy runs T guided denoiser forwards. With
+``xhat_rewards: rollout`` the x̂_0 of every state is taken from the *conditional* half of the CFG batch at sampling
+time (free) and each state is decoded and scored once; with ``recompute`` the trainer rescoring happens per
+transition instead (the official code's cost).
 
 A rollout batch is denoised (:func:`rollout_batch`), then decoded and scored (:func:`score_rollout`); the trainer
 can run the scoring of batch k on a side thread and CUDA stream while batch k+1 denoises

@@ -188,7 +188,8 @@ class Trainer:
                     prompts = everyone[rank::world]
                     rollout = rollout_batch(
                         self.model, self.sampler, prompts, guidance_scale=cfg.sample.guidance_scale,
-                        uncond=self.uncond, generator=self.noise, keep_xhat=score_xhat, cuda_graphs=cfg.sample.cuda_graphs,
+                        uncond=self.uncond, generator=self.noise, keep_xhat=score_xhat,
+                        cuda_graphs=cfg.sample.cuda_graphs,
                         timer=self.timer, share=(rank, world),
                     )
                     batch_mask = mask[k * b : (k + 1) * b] if mask is not None else None

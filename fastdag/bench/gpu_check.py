@@ -635,8 +635,8 @@ STAGES: dict[str, Stage] = {
                   ("nvml", "driver", "power_limit_w", "load.*.max", "load.sm_clock_mhz.min",
                    "load.clock_event_reasons")),
     "sd35m": Stage(_sd35m_stage, "P2-P4 at SD3.5 Medium's size: fastdag vs official-cost epochs, MFU", 10.0, 8.0,
-                   "~60 s (with margin 80): 2 sd35-medium-random builds on the GPU (2.5 B transformer, T5-XXL 4.7 B, CLIP-G; bf16 "
-                   "init ~10 s each) + per mode a FLOP-counted warm-up and a timed epoch of 8 trajectories x 10 steps "
+                   "~60 s (with margin 80): 2 sd35-medium-random builds on the GPU (2.5 B transformer, T5-XXL "
+                   "4.7 B, CLIP-G; bf16 init ~10 s each) + per mode a FLOP-counted warm-up and a timed epoch of 8 trajectories x 10 steps "
                    "at 512 px (~1.1 PFLOP rollout, ~3 PFLOP update at ~400 TFLOP/s: ~10-15 s an epoch, official "
                    "~25 s)", ("diffusers", "peft"),
                    ("*.epoch_seconds", "official.official_over_fastdag_epoch", "*.rollout_over_unet_only", "*.mfu",

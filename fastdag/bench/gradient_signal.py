@@ -83,7 +83,8 @@ def measure(config: str, trajectories: int, groups: int, beta: Optional[float], 
             idx = torch.arange(g, n, groups)
             terms = trainer.transition_terms(trajs, idx, torch.full((len(idx),), s), beta)
             delta = delta_all[idx]
-            # DB: ∇_θ Σ_i δ_i² through log p_θ only = Σ_i 2 δ_i ∇_θ log p_θ,i; KL: ∇_θ Σ_i −A_i ρ_i at ρ = 1
+            # DB: ∇_θ Σ_i δ_i² through log p_θ only = Σ_i 2 δ_i ∇_θ log p_θ,i
+            # KL: ∇_θ Σ_i −A_i ρ_i at ρ = 1
             db = torch.autograd.grad((2 * delta * terms.log_pf).sum(), params, retain_graph=True)
             klg = torch.autograd.grad((-adv_all[idx] * terms.log_pf).sum(), params)
             sums["db"][g][s] = torch.cat([x.reshape(-1) for x in db]).float()
