@@ -10,4 +10,6 @@ ASSETS_DIR = Path(__file__).parent / "assets"
 PIPELINES: dict[str, Callable[[], Path]] = {
     # the embedded default: a pretrained miniature SD-architecture model of the shapes world (fastdag.toy)
     "shapes-tiny": lambda: ASSETS_DIR / "shapes-tiny",
+    # the same world on Stable Diffusion 3's architecture, trained with rectified flow (fastdag.toy.pretrain_flow)
+    "shapes-flow-tiny": lambda: ASSETS_DIR / "shapes-flow-tiny",
 }
