@@ -428,7 +428,7 @@ class EngineConfig:
     backend: Literal["deepspeed", "torch"] = _f(
         "deepspeed", "Update engine: deepspeed (ZeRO via deepspeed.initialize) or torch (plain PyTorch AdamW)."
     )
-    zero_stage: int = _f(0, "DeepSpeed ZeRO stage: 0, 1 or 2 (3 is refused: see the README, multi-GPU).")
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage: 0, 1 or 2 (3 is refused: see docs/distributed.md).")
     optimizer: Literal["adamw", "adamw8bit"] = _f(
         "adamw", "adamw (torch) or adamw8bit (bitsandbytes 8-bit AdamW: the gpu extra, a CUDA device)."
     )
