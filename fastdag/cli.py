@@ -223,6 +223,37 @@ def evaluate_main(argv: list[str]) -> int:
     return evaluate(argv)
 
 
+def config_reference_main(argv: list[str]) -> int:
+    """``fastdag config-reference [--out FILE]``: the config reference page (docs/config.md) from the code."""
+    from fastdag.config import CONFIG_REFERENCE, config_reference
+
+    p = argparse.ArgumentParser(
+        prog="fastdag config-reference",
+        description="Write the config reference (every field of the config tree with its type, default and doc, "
+        f"as `fastdag train --help` prints them) as Markdown; the repository keeps it in {CONFIG_REFERENCE}.",
+    )
+    p.add_argument("--out", help=f"file to write (e.g. {CONFIG_REFERENCE}); default: standard output")
+    args = p.parse_args(argv)
+    text = config_reference()
+    if not args.out:
+        sys.stdout.write(text)
+        return 0
+    from pathlib import Path
+
+    out = Path(args.out)
+    try:
+        _check_output_file(args.out, "--out", (".md",))
+        out.write_text(text, encoding="utf-8")
+    except ConfigError as e:
+        return _fail(str(e))
+    except OSError as e:
+        from fastdag.errors import describe_os_error
+
+        return _fail(f"--out: {describe_os_error(e)}")
+    print(f"wrote {out}")
+    return 0
+
+
 def toy_main(argv: list[str]) -> int:
     if not argv or argv[0] != "pretrain":
         print("usage: fastdag toy pretrain --out DIR [...]  (pretrain the shapes-world model; --help for options)",
@@ -248,6 +279,8 @@ COMMANDS = {
     "serve-reward": (serve_reward_main, "serve a reward over HTTP for reward.name=remote: fastdag serve-reward NAME"),
     "bench": (bench_main, "the benchmark suite: fastdag bench tiny|sd15|kernels|gpu-check|... (--help)"),
     "toy": (toy_main, "the embedded default's recipes: fastdag toy pretrain --out DIR"),
+    "config-reference": (config_reference_main, "write the config reference page: fastdag config-reference --out "
+                                                 "docs/config.md"),
 }
 
 
@@ -257,7 +290,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _fail(f"unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)} (fastdag --help)")
     if not argv or argv[0] in ("-h", "--help"):
         usage = ["usage: fastdag COMMAND [...]", "", "commands:"]
-        usage += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
+        width = max(map(len, COMMANDS))
+        usage += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
         print("\n".join(usage), file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else EXIT_USAGE
     from fastdag.errors import install_stop_handler, restore_handlers

@@ -430,7 +430,7 @@ class EngineConfig:
     backend: Literal["deepspeed", "torch"] = _f(
         "deepspeed", "Update engine: deepspeed (ZeRO via deepspeed.initialize) or torch (plain PyTorch AdamW)."
     )
-    zero_stage: int = _f(0, "DeepSpeed ZeRO stage: 0, 1 or 2 (3 is refused: see the README, multi-GPU).")
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage: 0, 1 or 2 (3 is refused: see docs/distributed.md).")
     optimizer: Literal["adamw", "adamw8bit"] = _f(
         "adamw", "adamw (torch) or adamw8bit (bitsandbytes 8-bit AdamW: the gpu extra, a CUDA device)."
     )
@@ -811,3 +811,45 @@ def config_help(cls: type = Config, prefix: str = "") -> list[tuple[str, str, st
         else:
             rows.append((f"{prefix}{f.name}", _type_name(tp), repr(getattr(instance, f.name)), f.metadata.get("help", "")))
     return rows
+
+
+CONFIG_REFERENCE = "docs/config.md"  # written by `fastdag config-reference --out docs/config.md`; a test keeps it current
+
+
+def _markdown_cell(text: str) -> str:
+    """``text`` for a Markdown table cell: pipes escaped everywhere; outside code spans also ``*`` (``a*sqrt(..)*``
+    would turn italic) and ``<`` (``<run>`` would read as an HTML tag)."""
+    parts = text.split("`")
+    for i in range(0, len(parts), 2):  # even parts lie outside code spans
+        parts[i] = parts[i].replace("\\", "\\\\").replace("*", "\\*").replace("<", "&lt;")
+    return "`".join(parts).replace("|", "\\|")
+
+
+def config_reference() -> str:
+    """The config reference page (docs/config.md): every field of the tree with its type, default and doc, one
+    table per section, from :func:`config_help` (what ``fastdag train --help`` prints)."""
+    sections: dict[str, list[tuple[str, str, str, str]]] = {}
+    for key, tp, default, help_text in config_help():
+        sections.setdefault(key.rpartition(".")[0], []).append((key, tp, default, help_text))
+    lines = [
+        "# Config reference",
+        "",
+        "Generated from the config dataclasses in `fastdag/config.py` by `fastdag config-reference --out "
+        "docs/config.md`; do not edit by hand (`tests/test_docs.py` fails when this page is stale). `fastdag train "
+        "--help` prints the same fields.",
+        "",
+        "A run's config is these defaults, then the YAML file given with `--config` (any subset of the tree, nested "
+        "as below), then dotted `key=value` overrides on the command line, e.g. `train.epochs=5` or "
+        "`reward.kwargs={url: http://host:8765}`. Values are parsed as YAML. An unknown key, a wrong type or a value "
+        "out of range stops with one line naming the key ([troubleshooting](troubleshooting.md)). The resolved "
+        "config is saved as `config.yaml` in the run directory. How the settings fit together: "
+        "[training](training.md).",
+        "",
+        "Sections: " + ", ".join(f"[{name}](#{name.replace('.', '')})" for name in sections) + ".",
+    ]
+    for name, rows in sections.items():
+        lines += ["", f"## {name}", "", "| key | type | default | what it does |", "| --- | --- | --- | --- |"]
+        for key, tp, default, help_text in rows:
+            tp, default = tp.replace("|", "\\|"), default.replace("|", "\\|")  # code spans: pipes only
+            lines.append(f"| `{key}` | `{tp}` | `{default}` | {_markdown_cell(help_text)} |")
+    return "\n".join(lines) + "\n"

@@ -38,7 +38,7 @@ def check_engine(cfg: Config, device: torch.device, world: World) -> None:
         raise ConfigError(f"engine.backend: torch runs a single process, but {world.size} were launched; "
                           "use engine.backend=deepspeed for data-parallel training")
     if cfg.engine.zero_stage == 3:
-        # Found with DeepSpeed 0.19 (README, multi-GPU): ZeRO-3 trains like stage 2 once forwards run through the
+        # Found with DeepSpeed 0.19 (docs/distributed.md): ZeRO-3 trains like stage 2 once forwards run through the
         # engine, but with parameters actually partitioned the LoRA/flow export and the weight digests read empty
         # partitions (they would need GatheredParameters), and the rank-0-only evaluation would wait forever on
         # the other ranks' all-gathers.

@@ -20,8 +20,9 @@ The base model is meant to be good but not perfect: the alignment job must have 
 The defaults reproduce the shipped model (attribute dropout 0.3, 8,000 UNet steps: 1,693 s wall, 1,680 s CPU at
 1 thread; up to thread-count-dependent float rounding); `--attribute-dropout 0 --unet-steps 3000` gives the
 earlier full-caption model. Its base figures by the judge are in `base_figures.json` beside it
-(`python -m fastdag.toy.base_figures`). The sample grid in
-docs/ is drawn by `write_sample_grid` from the shipped pipeline.
+(`python -m fastdag.toy.base_figures`). The sample grid
+docs/results/2026-12-01-shapes-tiny-base/shipped_samples.png is drawn by `write_sample_grid` from the shipped
+pipeline.
 """
 from __future__ import annotations
 

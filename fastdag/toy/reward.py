@@ -64,9 +64,10 @@ class Taste:
 
 # The aesthetic task's taste: a white background. The world draws 4 backgrounds uniformly, so a base model that
 # follows it meets the taste in 1/4 of samples; shapes-tiny, on kind-and-colour prompts, draws white in 14.2% of
-# its samples over all 18 prompts (41 / 288, docs/base_figures) and 16.7% on the 6 held-out ones (16 / 96): inside
-# the 10–20% the task asks for (it draws gray most, 57%). Large shapes on white, the first taste, was met in
-# 4.9% / 5.2%: too rare. Size and position are left free: the judge checks that training keeps their spread.
+# its samples over all 18 prompts (41 / 288, docs/results/2026-12-01-shapes-tiny-base) and 16.7% on the 6 held-out
+# ones (16 / 96): inside the 10–20% the task asks for (it draws gray most, 57%). Large shapes on white, the first
+# taste, was met in 4.9% / 5.2%: too rare. Size and position are left free: the judge checks that training keeps
+# their spread.
 AESTHETIC_TASTE = Taste(background="white")
 
 
