@@ -23,14 +23,15 @@ def test_measures_a_tiny_run_and_writes_markdown(tmp_path):
                           "--out", str(out), "sample.num_steps=4", "sample.batch_size=4"])
     text = out.read_text()
     assert "| db.uniform |" in text and "| kl.score_scale |" in text and text.count("\n| 3 |") == 1
-    assert "Cosine between the DB and the KL epoch gradients: uniform" in text
+    assert "| uniform | " in text and "db~kl" in text and "kl~reinforce" in text
     result = gradient_signal.measure("configs/tiny_random_compress.yaml", 8, 2, None,
                                      ["sample.num_steps=4", "sample.batch_size=4"])
     assert result["trajectories"] == 8  # sample.batch_size=4 from the overrides: two rollout batches
     for row in result["weightings"].values():
         assert -1 <= row["cosine"] <= 1 and sum(row["step_share"]) == pytest.approx(1.0)
-    assert set(result["weightings"]) == {"db.uniform", "db.score_scale", "kl.uniform", "kl.score_scale"}
-    assert all(-1 <= c <= 1 for c in result["db_kl_cosine"].values()) and result["residual_abs_mean"] > 0
+    assert {"db.uniform", "kl.score_scale", "kl_pooled.uniform", "reinforce.score_scale"} <= set(result["weightings"])
+    assert all(-1 <= c <= 1 for pairs in result["agreement"].values() for c in pairs.values())
+    assert result["residual_abs_mean"] > 0
 
 
 def test_measures_a_checkpoint_at_its_beta(tmp_path):

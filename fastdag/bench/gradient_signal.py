@@ -69,28 +69,35 @@ def measure(config: str, trajectories: int, groups: int, beta: Optional[float], 
     trajs = trainer.sample_epoch()
     n, T = len(trajs), trajs.num_steps
     weights = {"uniform": torch.ones(T), "score_scale": step_weights(trainer.sampler.score_scale(), "score_scale")}
+    rewards = trajs.rewards.float()
+    with torch.no_grad():  # every transition's residual δ [T, n]
+        delta = torch.stack([(lambda t: (t.log_flow_t + t.log_pf - t.log_pb - t.log_flow_prev).float())(
+            trainer.transition_terms(trajs, torch.arange(n), torch.full((n,), s), beta)) for s in range(T)])
+    # Per-transition weights w [T, n] of each policy gradient Σ w ∇_θ log p_θ (ratio 1, no clip):
+    centred = torch.stack([torch.cat([b - (b.sum() - b) / (len(b) - 1) for b in (-delta[s]).split(block)])
+                           for s in range(T)])  # −δ minus its leave-one-out baseline within each update block
+    pooled = centred / (centred.std() + 1e-8)
+    per_trajectory = (rewards - rewards.mean()) / (rewards.std() + 1e-8)
+    objectives = {
+        "db": 2 * delta,  # ∇_θ Σ δ² through log p_θ
+        "kl": -torch.stack([torch.cat([kl.advantages(b) for b in (-delta[s]).split(block)]) for s in range(T)]),
+        # KL's advantages with one scale for all timesteps (the residuals' spread differs ~10x between steps)
+        "kl_pooled": -pooled.clamp(-cfg.dag.adv_clip, cfg.dag.adv_clip),
+        # the final reward's own policy gradient (REINFORCE, DDPO without clipping): the direction the reward asks for
+        "reinforce": -per_trajectory.expand(T, n),
+    }
     # sums[objective][g][s]: group g's summed policy gradient at step s (unweighted; weightings combine the steps)
-    sums = {"db": [[None] * T for _ in range(groups)], "kl": [[None] * T for _ in range(groups)]}
-    residuals = []
+    sums = {name: [[None] * T for _ in range(groups)] for name in objectives}
     for s in range(T):
-        steps = torch.full((n,), s)
-        with torch.no_grad():  # the advantages: leave-one-out over update-sized blocks of this timestep's residuals
-            terms = trainer.transition_terms(trajs, torch.arange(n), steps, beta)
-            delta_all = (terms.log_flow_t + terms.log_pf - terms.log_pb - terms.log_flow_prev).float()
-            adv_all = torch.cat([kl.advantages(b) for b in (-delta_all).split(block)])
-        residuals.append(delta_all)
         for g in range(groups):
             idx = torch.arange(g, n, groups)
-            terms = trainer.transition_terms(trajs, idx, torch.full((len(idx),), s), beta)
-            delta = delta_all[idx]
-            # DB: ∇_θ Σ_i δ_i² through log p_θ only = Σ_i 2 δ_i ∇_θ log p_θ,i
-            # KL: ∇_θ Σ_i −A_i ρ_i at ρ = 1
-            db = torch.autograd.grad((2 * delta * terms.log_pf).sum(), params, retain_graph=True)
-            klg = torch.autograd.grad((-adv_all[idx] * terms.log_pf).sum(), params)
-            sums["db"][g][s] = torch.cat([x.reshape(-1) for x in db]).float()
-            sums["kl"][g][s] = torch.cat([x.reshape(-1) for x in klg]).float()
+            log_pf = trainer.transition_terms(trajs, idx, torch.full((len(idx),), s), beta).log_pf
+            for k, (name, w) in enumerate(objectives.items()):
+                grads = torch.autograd.grad((w[s, idx] * log_pf).sum(), params, retain_graph=k < len(objectives) - 1)
+                sums[name][g][s] = torch.cat([x.reshape(-1) for x in grads]).float()
     rows: dict = {}
-    for objective in ("db", "kl"):
+    epoch_gradients: dict = {}
+    for objective in objectives:
         for name, w in weights.items():
             if w is None:
                 continue
@@ -101,18 +108,17 @@ def measure(config: str, trajectories: int, groups: int, beta: Optional[float], 
             total = [sum(w[s].item() * sums[objective][g][s] for g in range(groups)) for s in range(T)]
             norms = torch.tensor([x.square().sum().item() for x in total])
             rows[f"{objective}.{name}"] = {"cosine": c, "trajectories_per_unit_snr": trajectories_per_unit_snr(
-                c, n // groups), "step_share": (norms / norms.sum()).tolist(), "epoch_gradient": sum(total)}
-    agreement = {}
-    for name in weights:
-        if f"db.{name}" in rows:
-            agreement[name] = torch.nn.functional.cosine_similarity(
-                rows[f"db.{name}"].pop("epoch_gradient"), rows[f"kl.{name}"].pop("epoch_gradient"), dim=0).item()
-    delta = torch.stack(residuals)  # [T, n]
-    rewards = trajs.rewards.float()
+                c, n // groups), "step_share": (norms / norms.sum()).tolist()}
+            epoch_gradients[objective, name] = sum(total)
+    cos = torch.nn.functional.cosine_similarity
+    agreement = {name: {f"{a}~{b}": cos(epoch_gradients[a, name], epoch_gradients[b, name], dim=0).item()
+                        for a, b in (("db", "kl"), ("db", "reinforce"), ("kl", "reinforce"), ("kl_pooled", "reinforce"),
+                                     ("db", "kl_pooled"))}
+                 for name in weights if weights[name] is not None}
     return {"config": config, "overrides": list(overrides), "checkpoint": checkpoint, "trajectories": n,
             "groups": groups, "beta": beta, "steps": T, "threads": torch.get_num_threads(),
             "seconds": time.perf_counter() - t0, "reward_mean": rewards.mean().item(), "weightings": rows,
-            "db_kl_cosine": agreement,
+            "agreement": agreement,
             "residual_abs_mean": delta.abs().mean().item(),
             "residual_abs_by_step": delta.abs().mean(dim=1).tolist(),
             # how much of each step's residual spread the trajectory's reward explains (the flow's fit: a fitted
@@ -143,9 +149,13 @@ def markdown(result: dict) -> str:
         top = max(range(len(share)), key=share.__getitem__)
         lines.append(f"| {name} | {r['cosine']:.3f} | {r['trajectories_per_unit_snr']:.0f} | "
                      f"step {top}: {100 * share[top]:.0f}% |")
-    lines += ["", "Cosine between the DB and the KL epoch gradients: " + ", ".join(
-        f"{k} {v:.3f}" for k, v in result["db_kl_cosine"].items()) + ".",
-              "", "By denoising step (0 = the noisiest): share of the squared gradient norm, mean |δ|, and the "
+    lines += ["", "Cosine between the epoch gradients (reinforce: the final reward's own policy gradient, the direction "
+              "the reward asks for; kl_pooled: KL's advantages with one scale over all timesteps):", "",
+              "| step weighting | " + " | ".join(next(iter(result["agreement"].values()))) + " |",
+              "|---|" + "---|" * len(next(iter(result["agreement"].values())))]
+    for name, pairs in result["agreement"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in pairs.values()) + " |")
+    lines += ["", "By denoising step (0 = the noisiest): share of the squared gradient norm, mean |δ|, and the "
               "correlation of −δ with the trajectory's final reward:", "",
               "| step | " + " | ".join(result["weightings"]) + " | mean abs δ | corr(−δ, r) |",
               "|---|" + "---|" * (len(result["weightings"]) + 2)]
