@@ -322,11 +322,14 @@ class DagConfig:
         "one baseline per GPU, no collective) or over the whole minibatch on all processes (global: N processes "
         "then train exactly as one would). The same on one process.",
     )
-    rloo_normaliser: Literal["official", "loo_std"] = _f(
+    rloo_normaliser: Literal["official", "loo_std", "pooled"] = _f(
         "official",
-        "DAG-KL: the scale of the leave-one-out advantage (a_i - b_i), b_i the mean of the others. official "
-        "(scripts/train_gfn.py): sqrt of the mean over j != i of (a_j - b_j)^2; loo_std: the unbiased std of the "
-        "others' a_j (fastdag's first choice; 6-10% larger advantages at B = 8, up to 49% at B = 4).",
+        "DAG-KL: the scale of the leave-one-out advantage (a_i - b_i), b_i the mean of the others at the same "
+        "timestep. official (scripts/train_gfn.py): sqrt of the mean over j != i of (a_j - b_j)^2, per timestep; "
+        "loo_std: the unbiased std of the others' a_j (fastdag's first choice; 6-10% larger advantages at B = 8, up "
+        "to 49% at B = 4); pooled: one scale, the RMS of (a_j - b_j) over all the timesteps evaluated together "
+        "(train.timesteps_per_micro_step; with 1 it is official's per timestep), so steps whose residuals spread "
+        "more keep larger advantages (docs/results/2026-12-05-dag-kl.md).",
     )
     ddpo_advantages: Literal["per_prompt", "epoch"] = _f(
         "per_prompt",

@@ -98,3 +98,29 @@ def test_weighted_objectives_are_the_weighted_means():
     kl_loss, _ = DagKL(kl_coef=1.0, ratio_clip=1e-4, adv_clip=5.0, prox_coef=0.0)(terms)
     terms.weights = None
     assert not torch.isclose(kl_loss, DagKL(kl_coef=1.0, ratio_clip=1e-4, adv_clip=5.0, prox_coef=0.0)(terms)[0])
+
+
+def test_kl_pooled_normaliser_scales_all_timestep_blocks_alike():
+    """dag.rloo_normaliser=pooled: each timestep block keeps its own leave-one-out baseline, one RMS scale over all
+    blocks; a block whose residuals spread 10x more keeps 10x larger advantages (per block they would be alike)."""
+    torch.manual_seed(3)
+    b, groups = 6, 3
+    terms = make_terms(b * groups)
+    with torch.no_grad():  # make the first block's residuals spread 10x more
+        terms.log_flow_t[:b] *= 10
+    obj = DagKL(kl_coef=1.0, ratio_clip=1e-4, adv_clip=50.0, prox_coef=0.0, rloo_normaliser="pooled")
+    terms.groups = groups
+    delta = (terms.log_flow_t + terms.log_pf - terms.log_pb - terms.log_flow_prev).detach()
+    devs = []
+    for block in (-delta).chunk(groups):
+        baseline = torch.stack([torch.cat([block[:i], block[i + 1 :]]).mean() for i in range(b)])
+        devs.append(block - baseline)
+    dev = torch.cat(devs)
+    expected = dev / (dev.pow(2).mean().sqrt() + 1e-8)
+    adv = obj.block_advantages(-delta, groups)
+    torch.testing.assert_close(adv, expected)
+    per_block = adv.abs().view(groups, b).mean(1)
+    assert per_block[0] > 5 * per_block[1:].max()
+    official = DagKL(1.0, 1e-4, 50.0, 0.0).block_advantages(-delta, groups).abs().view(groups, b).mean(1)
+    assert official[0] < 2 * official[1:].max()  # per-block scales flatten it
+    obj(terms)[0].backward()  # and it trains

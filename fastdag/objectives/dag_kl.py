@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from fastdag import kernels
+from fastdag.kernels.db_residual import RLOO_EPS
 from fastdag.objectives.base import Metrics, TransitionTerms, db_loss, ppo_clipped_loss, proximal_penalty
 
 
@@ -28,6 +29,21 @@ class DagKL:
         self.kl_coef, self.ratio_clip, self.adv_clip, self.prox_coef = kl_coef, ratio_clip, adv_clip, prox_coef
         self.backend, self.gather, self.rloo_normaliser = backend, gather, rloo_normaliser
 
+    def block_advantages(self, returns: torch.Tensor, groups: int) -> torch.Tensor:
+        """A [B] for ``groups`` equal timestep blocks of returns [B]: a leave-one-out baseline per block, and the
+        scale per block (``official``, ``loo_std``) or one scale over all the blocks (``pooled``)."""
+        blocks = returns.chunk(groups)
+        if self.rloo_normaliser != "pooled":
+            return torch.cat([self.advantages(block) for block in blocks])
+        parts = []
+        for block in blocks:
+            everyone, mine = self.gather(block) if self.gather is not None else (block, slice(None))
+            everyone = everyone.float()
+            n = everyone.shape[0]
+            parts.append((everyone - (everyone.sum() - everyone) / (n - 1), mine))  # a_i − b_i
+        scale = torch.cat([dev for dev, _ in parts]).square().mean().sqrt()
+        return torch.cat([(dev / (scale + RLOO_EPS)).clamp(-self.adv_clip, self.adv_clip)[mine] for dev, mine in parts])
+
     def advantages(self, returns: torch.Tensor) -> torch.Tensor:
         rloo = partial(kernels.rloo_advantages, adv_clip=self.adv_clip, normaliser=self.rloo_normaliser,
                        backend=self.backend)
@@ -44,7 +60,7 @@ class DagKL:
     def __call__(self, terms: TransitionTerms) -> tuple[torch.Tensor, Metrics]:
         delta, db = db_loss(terms, terms.log_pf.detach(), self.backend)
         # One leave-one-out baseline per timestep block: the same advantages as one timestep per micro-step.
-        adv = torch.cat([self.advantages(block) for block in (-delta.detach()).chunk(terms.groups)])
+        adv = self.block_advantages(-delta.detach(), terms.groups)
         kl, kl_metrics = ppo_clipped_loss(terms.log_pf, terms.log_pf_old, adv, self.ratio_clip, terms.weights)
         prox = proximal_penalty(terms)
         loss = db + self.kl_coef * kl + self.prox_coef * prox
