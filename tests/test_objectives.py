@@ -120,7 +120,7 @@ def test_kl_pooled_normaliser_scales_all_timestep_blocks_alike():
     adv = obj.block_advantages(-delta, groups)
     torch.testing.assert_close(adv, expected)
     per_block = adv.abs().view(groups, b).mean(1)
-    assert per_block[0] > 5 * per_block[1:].max()
+    assert per_block[0] > 3 * per_block[1:].max()
     official = DagKL(1.0, 1e-4, 50.0, 0.0).block_advantages(-delta, groups).abs().view(groups, b).mean(1)
     assert official[0] < 2 * official[1:].max()  # per-block scales flatten it
     obj(terms)[0].backward()  # and it trains
