@@ -12,8 +12,8 @@ REPO_CONFIG = "configs/tiny_random_compress.yaml"
 def test_equal_budgets_evaluations_and_reports(tmp_path, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     results = tmp_path / "se.csv"
-    main(["--config", REPO_CONFIG, "--algorithms", "db", "grpo", "--seeds", "0", "1", "--trajectories", "16",
-          "--evals", "2", "--set", "grpo:sample.group_size=2", "--eval-prompts", "tiny", "--runs", str(tmp_path / "runs"),
+    main(["--config", REPO_CONFIG, "--algorithms", "db", "grpo", "g4=grpo", "--seeds", "0", "1", "--trajectories", "16",
+          "--evals", "2", "--set", "grpo:sample.group_size=2", "--set", "g4:sample.group_size=4", "--eval-prompts", "tiny", "--runs", str(tmp_path / "runs"),
           "--results", str(results), "--chart", str(tmp_path / "se.png"), "--summary", str(tmp_path / "se.md"),
           "reward.name=brightness", "sample.num_steps=4", "train.batch_size=4", "engine.backend=torch",
           "eval.samples_per_prompt=1", "eval.num_steps=2", "logging.grid_size=0"])
@@ -21,10 +21,13 @@ def test_equal_budgets_evaluations_and_reports(tmp_path, monkeypatch):
     evals = Counter((r["algorithm"], r["seed"], r["trajectories"]) for r in rows
                     if r["kind"] == "eval" and r["metric"] == "reward")
     # base (0), half (8) and all (16) of the budget, for each algorithm and seed
-    assert sorted(evals) == sorted((a, s, t) for a in ("db", "grpo") for s in ("0", "1") for t in ("0", "8", "16"))
+    labels = ("db", "grpo", "g4")  # g4: a labelled variant of grpo, with its own settings
+    assert sorted(evals) == sorted((a, s, t) for a in labels for s in ("0", "1") for t in ("0", "8", "16"))
     train = [r for r in rows if r["kind"] == "train"]
     assert {(r["algorithm"], r["seed"], r["trajectories"]) for r in train} == \
-        {(a, s, t) for a in ("db", "grpo") for s in ("0", "1") for t in ("8", "16")}
+        {(a, s, t) for a in labels for s in ("0", "1") for t in ("8", "16")}
+    assert (tmp_path / "runs/g4-seed0/config.yaml").read_text().count("group_size: 4") == 1
+    assert (tmp_path / "se_eval.png").stat().st_size > 1000  # the evaluation curves with bands
     base = {r["algorithm"]: r["value"] for r in rows if r["kind"] == "eval" and r["trajectories"] == "0"
             and r["metric"] == "reward" and r["seed"] == "0"}
     assert base["db"] == base["grpo"]  # the same base model, evaluated once

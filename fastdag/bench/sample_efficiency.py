@@ -53,8 +53,18 @@ def parse_sets(items: Sequence[str]) -> dict[str, list[str]]:
     return out
 
 
+def parse_algorithms(items: Sequence[str]) -> dict[str, str]:
+    """``--algorithms`` entries: ALGO, or LABEL=ALGO for a variant of one (``kl-pooled=kl`` with
+    ``--set kl-pooled:dag.rloo_normaliser=pooled``). label -> dag.algorithm."""
+    out = {}
+    for item in items:
+        label, _, algorithm = item.partition("=")
+        out[label] = algorithm or label
+    return out
+
+
 def run_one(config: str, algorithm: str, seed: int, overrides: list[str], budget: int, evals: int,
-            out_dir: Path) -> tuple[list[dict[str, Any]], float, int, list[tuple[int, Path]]]:
+            out_dir: Path, label: Optional[str] = None) -> tuple[list[dict[str, Any]], float, int, list[tuple[int, Path]]]:
     """Train one (algorithm, seed): (metrics rows, wall seconds, trajectories per epoch,
     [(trajectories so far, checkpoint)])."""
     from fastdag.config import load_config
@@ -64,7 +74,7 @@ def run_one(config: str, algorithm: str, seed: int, overrides: list[str], budget
     per_epoch = probe.trajectories_per_epoch
     epochs = max(evals, round(budget / per_epoch))
     every = max(1, epochs // evals)
-    name = f"{algorithm}-seed{seed}"
+    name = f"{label or algorithm}-seed{seed}"
     cfg = load_config(config, [*overrides, f"dag.algorithm={algorithm}", f"train.seed={seed}",
                                f"train.epochs={epochs}", f"checkpoint.every_n_epochs={every}",
                                "checkpoint.keep_last=0", "eval.prompts=null", "logging.progress=false",
@@ -97,18 +107,19 @@ def run(args: argparse.Namespace) -> str:
                     for k, v in metrics.items())
 
     eval_overrides = [f"eval.prompts={eval_prompts}"]
+    labels = parse_algorithms(args.algorithms)
     for seed in args.seeds:
-        for algorithm in args.algorithms:
+        for algorithm, dag_algorithm in labels.items():
             overrides = [*args.overrides, *sets.get(algorithm, [])]
-            metrics_rows, seconds, per_epoch, checkpoints = run_one(args.config, algorithm, seed, overrides,
-                                                                    args.trajectories, args.evals, out_dir)
+            metrics_rows, seconds, per_epoch, checkpoints = run_one(args.config, dag_algorithm, seed, overrides,
+                                                                    args.trajectories, args.evals, out_dir, algorithm)
             for r in metrics_rows:
                 add(algorithm, seed, r["epoch"] * per_epoch, "train", {"reward_mean": r["reward_mean"]})
             add(algorithm, seed, metrics_rows[-1]["epoch"] * per_epoch, "wall", {"seconds": seconds})
             if not args.no_eval:
-                if algorithm == args.algorithms[0]:  # the base model, once per seed: every algorithm starts there
+                if algorithm == next(iter(labels)):  # the base model, once per seed: every algorithm starts there
                     base = evaluate(str(checkpoints[0][1]), eval_overrides, base=True)
-                    for a in args.algorithms:
+                    for a in labels:
                         add(a, seed, 0, "eval", {**base["scores"], **flatten("", base["summary"] or {})})
                 for trajectories, checkpoint in checkpoints:
                     res = evaluate(str(checkpoint), eval_overrides)
@@ -155,6 +166,43 @@ def chart(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+CURVES = (("taste_rate", "taste rate"), ("stated_accuracy.all", "stated-attribute accuracy"), ("realism", "realism"),
+          ("frechet_distance", "Fréchet distance to true renders"),
+          ("unstated.background.normalised_entropy", "background entropy (unstated)"), ("reward", "held-out reward"))
+
+
+def eval_chart(rows: list[dict[str, Any]], path: Path, curves: Sequence[tuple[str, str]] = CURVES) -> Optional[Path]:
+    """One panel per evaluation figure against trajectories: each algorithm's mean over seeds, band min-max."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [(m, title) for m, title in curves if series(rows, "eval", m)]
+    if not present:
+        return None
+    cols = 3
+    fig, axes = plt.subplots((len(present) + cols - 1) // cols, cols, figsize=(4 * cols, 3 * ((len(present) + 2) // 3)),
+                             squeeze=False)
+    for ax, (metric, title) in zip(axes.flat, present):
+        for algorithm, points in sorted(series(rows, "eval", metric).items()):
+            xs = sorted(points)
+            ax.plot(xs, [statistics.fmean(points[x]) for x in xs], marker="o", ms=3, label=algorithm)
+            ax.fill_between(xs, [min(points[x]) for x in xs], [max(points[x]) for x in xs], alpha=0.15)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("trajectories", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(present):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{rows[0]['task']}: held-out figures by the judge (mean over seeds, band min-max)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
@@ -239,7 +287,8 @@ HEADLINE = ("reward", "taste_rate", "realism", "stated_accuracy.all", "frechet_d
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="fastdag bench sample-efficiency", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="the task's config (its eval.prompts and eval.metric are used)")
-    p.add_argument("--algorithms", nargs="+", default=["db", "kl", "ddpo", "grpo"])
+    p.add_argument("--algorithms", nargs="+", default=["db", "kl", "ddpo", "grpo"],
+                   help="dag.algorithm values, or LABEL=ALGO for a variant (with --set LABEL:key=value)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--trajectories", type=int, default=2048, help="trajectory budget per run (whole epochs)")
     p.add_argument("--evals", type=int, default=4, help="evaluations per run, evenly over the budget")
@@ -259,5 +308,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_intermixed_args(argv)
     run_id = args.run_id if args.report_only else run(args)
     rows = read(Path(args.results), run_id)
-    print(f"chart: {chart(rows, Path(args.chart))}\nsummary: {summary(rows, Path(args.summary), HEADLINE, args.reach)}")
+    curves = eval_chart(rows, Path(args.chart).with_name(Path(args.chart).stem + "_eval.png"))
+    print(f"chart: {chart(rows, Path(args.chart))}\ncurves: {curves}\n"
+          f"summary: {summary(rows, Path(args.summary), HEADLINE, args.reach)}")
     return 0
