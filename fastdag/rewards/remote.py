@@ -49,6 +49,7 @@ DEFAULT_READ_TIMEOUT = 30.0
 # Requests read, decoded or scored at once; the others wait for a slot. Bounds the server's memory to about
 # this many times two bodies, whatever the number of clients.
 PENDING = 8
+STOP_GRACE_S = 60.0  # how long a stopping server waits for the batch on the model
 # A body must arrive at least this fast on average (beyond the read timeout): a client that trickles bytes is
 # cut off instead of holding a slot.
 MIN_BODY_RATE = 1 << 20  # bytes per second
@@ -149,6 +150,19 @@ class RewardServer(ThreadingHTTPServer):
             log.exception("serving %s failed", client_address[0])
 
 
+def _score_batch(checked: CheckedReward, name: str, images: np.ndarray, prompts: list[str]
+                 ) -> tuple[int, dict[str, Any]]:
+    """Score one decoded batch; every tensor is created and freed in this frame (the caller holds the scoring lock
+    around the call, so a stopping server knows when none is left)."""
+    try:
+        scores = checked(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, prompts)
+        return 200, {"scores": scores.tolist()}
+    except Exception as e:  # noqa: BLE001 - the reward's fault, reported to the client as a 500
+        log.exception("reward %s failed", name)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return 500, {"error": f"reward {name!r} failed on the server: {type(e).__name__}: {clip(first)}"}
+
+
 def make_server(name: str, reward: RewardFn, host: str = "127.0.0.1", port: int = 0, *, token: Optional[str] = None,
                 read_timeout: float = DEFAULT_READ_TIMEOUT,
                 max_body: int = DEFAULT_MAX_BODY_MB << 20) -> RewardServer:
@@ -235,14 +249,8 @@ def make_server(name: str, reward: RewardFn, host: str = "127.0.0.1", port: int 
             except Exception as e:  # noqa: BLE001 - any other failure to parse a client's bytes (struct.error, ...)
                 return 400, {"error": f"bad request: unreadable body ({type(e).__name__}: {clip(str(e))})"}
             del body
-            with scoring:
-                try:
-                    scores = checked(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, prompts)
-                except Exception as e:  # noqa: BLE001 - the reward's fault, reported to the client as a 500
-                    log.exception("reward %s failed", name)
-                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                    return 500, {"error": f"reward {name!r} failed on the server: {type(e).__name__}: {clip(first)}"}
-            return 200, {"scores": scores.tolist()}
+            with scoring:  # the tensors live and die inside: see main()'s stop
+                return _score_batch(checked, name, images, prompts)
 
         def _read_body(self, length: int) -> bytes | str:
             """The body, or why it did not come in time (a client that stops sending, or trickles)."""
@@ -263,7 +271,9 @@ def make_server(name: str, reward: RewardFn, host: str = "127.0.0.1", port: int 
         def log_message(self, format: str, *args: Any) -> None:  # per-request lines only in debug logs
             log.debug("%s " + format, self.address_string(), *args)
 
-    return RewardServer((host, port), Handler)
+    server = RewardServer((host, port), Handler)
+    server.scoring = scoring  # main() takes it when stopping
+    return server
 
 
 @register_reward("remote")
@@ -389,4 +399,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         pass
     finally:
         server.server_close()
+        # Handler threads are daemons. One that frees a tensor while the interpreter finalises is made to exit
+        # inside torch's noexcept deallocator, and the whole process aborts ("terminate called without an active
+        # exception", SIGABRT; seen 1 run in ~20 with clients that hang up). Tensors exist only inside the
+        # scoring lock: holding it waits for the batch on the model to be scored and freed, and starts no other.
+        server.scoring.acquire(timeout=STOP_GRACE_S)
     return 0
