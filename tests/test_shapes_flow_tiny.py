@@ -11,8 +11,6 @@ from fastdag.toy.pretrain_flow import FLOW_SHIPPED_DIR, FlowRecipe, build_flow_p
 from fastdag.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-shipped = pytest.mark.skipif(not (FLOW_SHIPPED_DIR / "model_index.json").is_file(),
-                             reason="shapes-flow-tiny is not shipped in this checkout")
 
 
 def test_the_recipe_builds_sd3_components_and_encodes_as_the_pipeline():
@@ -45,7 +43,6 @@ def test_a_short_pretrain_saves_a_pipeline_plain_diffusers_loads(tmp_path):
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
 
 
-@shipped
 def test_shapes_flow_tiny_loads_offline_as_the_sd3_family(monkeypatch):
     from diffusers import StableDiffusion3Pipeline
 
@@ -62,7 +59,6 @@ def test_shapes_flow_tiny_loads_offline_as_the_sd3_family(monkeypatch):
     assert figures["bars"]["colour"]["met"]
 
 
-@shipped
 def test_the_flow_main_job_runs_three_epochs(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = load_config(REPO / "configs/shapes_aesthetic_flow.yaml", [

@@ -44,7 +44,7 @@ class FlowRecipe:
     steps: int = 8000
     """Transformer + text-encoder optimisation steps."""
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 2e-3
     """AdamW learning rate: linear warm-up, then cosine decay to 0."""
     warmup_steps: int = 100
     weight_decay: float = 1e-2
