@@ -554,7 +554,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per UNet step")
     p.add_argument("--attribute-dropout", type=float, default=defaults.attribute_dropout,
                    help="probability of leaving out each attribute phrase but the kind (0: full captions only)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; shipped: 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; shapes-tiny shipped with 2, shapes-flow-tiny with 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
